@@ -1,0 +1,128 @@
+"""The plug points of the round engine.
+
+The engine owns the round loop.  Everything that changes *how* a step is done
+plugs in through one of these interfaces instead of forking the loop:
+
+* :class:`Trainer` -- every step that reads a peer's private data (plain SGD,
+  or DP-SGD with a per-peer ledger and hard budget gate).
+* :class:`Channel` -- how a serialized model is wrapped for the wire
+  (plaintext for research, NaCl envelopes by default).
+* :class:`SecureAverager` -- how same-architecture models are averaged when
+  no single peer may see an individual model (CKKS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class PeerState:
+    """A peer as the engine sees it.  Data tensors never leave the peer."""
+
+    peer_id: int
+    arch: str
+    model: nn.Module
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_local_test: torch.Tensor
+    y_local_test: torch.Tensor
+    num_classes: int
+    generator: torch.Generator
+    peak_state: dict[str, torch.Tensor] | None = None
+    peak_round: int | None = None
+
+    @property
+    def num_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+
+@dataclass(frozen=True)
+class PhaseReport:
+    """What one training phase did; ``ran=False`` means it was skipped (e.g.
+    the privacy budget gate refused it) and ``reason`` says why."""
+
+    ran: bool
+    steps: int = 0
+    compute_seconds: float = 0.0
+    reason: str | None = None
+    extra: Mapping[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """Every step that touches private data goes through a Trainer."""
+
+    def local_train(self, peer: PeerState, *, epochs: int, round_index: int) -> PhaseReport: ...
+
+    def mutual_train(
+        self,
+        aggregator: PeerState,
+        models: Sequence[nn.Module],
+        *,
+        alpha: float,
+        temperature: float,
+        epochs: int,
+        class_prior: torch.Tensor | None,
+        round_index: int,
+    ) -> PhaseReport:
+        """Train ``models`` jointly on the aggregator's data with the DFML loss.
+        ``class_prior`` None means plain cross-entropy (no WSM re-weighting)."""
+        ...
+
+    def class_prior(self, peer: PeerState, *, round_index: int) -> torch.Tensor:
+        """The class proportions beta used by WSM on ``peer``'s data."""
+        ...
+
+    def peer_status(self, peer_id: int) -> Mapping[str, object]:
+        """Per-peer figures for metrics (e.g. spent epsilon); empty if none."""
+        ...
+
+
+@runtime_checkable
+class Channel(Protocol):
+    """Wraps payload bytes for the wire; ``open`` rejects anything not sealed
+    by ``sender`` for ``recipient`` in this federation, round and kind."""
+
+    name: str
+    secure: bool
+
+    def seal(self, payload: bytes, *, sender: int, recipient: int, round_index: int, kind: str) -> bytes: ...
+
+    def open(self, envelope: bytes, *, sender: int, recipient: int, round_index: int, kind: str) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """Result of a secure weighted sum: only the sum is ever decrypted."""
+
+    state_sum: dict[str, torch.Tensor]
+    weight_sum: float
+    bytes_moved: int
+    crypto_seconds: float
+
+
+@runtime_checkable
+class SecureAverager(Protocol):
+    """Averages same-architecture models without revealing any single one."""
+
+    name: str
+
+    def min_contributors(self) -> int: ...
+
+    def weighted_sum(
+        self,
+        contributions: Sequence[tuple[int, Mapping[str, torch.Tensor], float]],
+        *,
+        aggregator: int,
+        key_holder: int,
+        round_index: int,
+    ) -> SecureSum:
+        """``contributions`` are (peer id, state, weight) of senders; returns
+        sum_i w_i * state_i and sum_i w_i, decrypted by ``key_holder`` only."""
+        ...

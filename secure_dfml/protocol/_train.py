@@ -1,0 +1,101 @@
+"""Non-private training: the reference Trainer (research mode, labelled non-private)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from secure_dfml.config import DFMLConfig
+from secure_dfml.protocol._interfaces import PeerState, PhaseReport
+from secure_dfml.protocol.losses import JointModel, mutual_learning_loss
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches of one epoch in a random order drawn from ``generator``."""
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def make_optimizer(params: Sequence[nn.Parameter] | Iterator[nn.Parameter], cfg: DFMLConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(list(params), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def empirical_class_prior(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    counts = torch.bincount(y, minlength=num_classes).to(torch.float32)
+    return counts / counts.sum().clamp_min(1)
+
+
+class PlainTrainer:
+    """SGD without differential privacy.  Every result it produces is non-private."""
+
+    private = False
+
+    def __init__(self, cfg: DFMLConfig, *, use_wsm: bool = True) -> None:
+        self.cfg = cfg
+        self.use_wsm = use_wsm
+
+    def local_train(self, peer: PeerState, *, epochs: int, round_index: int) -> PhaseReport:
+        if epochs <= 0:
+            return PhaseReport(ran=False, reason="no local epochs configured")
+        model = peer.model
+        model.train()
+        opt = make_optimizer(model.parameters(), self.cfg)
+        steps, compute = 0, 0.0
+        for _ in range(epochs):
+            for idx in shuffled_batches(peer.num_train, self.cfg.batch_size, peer.generator):
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(peer.x_train[idx]), peer.y_train[idx])
+                loss.backward()
+                opt.step()
+                compute += time.perf_counter() - t0
+                steps += 1
+        return PhaseReport(ran=True, steps=steps, compute_seconds=compute)
+
+    def mutual_train(
+        self,
+        aggregator: PeerState,
+        models: Sequence[nn.Module],
+        *,
+        alpha: float,
+        temperature: float,
+        epochs: int,
+        class_prior: torch.Tensor | None,
+        round_index: int,
+    ) -> PhaseReport:
+        if epochs <= 0:
+            return PhaseReport(ran=False, reason="no mutual-learning epochs configured")
+        joint = JointModel(models)
+        joint.train()
+        opt = make_optimizer(joint.parameters(), self.cfg)
+        steps, compute = 0, 0.0
+        for _ in range(epochs):
+            for idx in shuffled_batches(aggregator.num_train, self.cfg.batch_size, aggregator.generator):
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                logits = joint(aggregator.x_train[idx])
+                loss = mutual_learning_loss(
+                    list(logits.unbind(0)),
+                    aggregator.y_train[idx],
+                    alpha=alpha,
+                    temperature=temperature,
+                    class_prior=class_prior,
+                )
+                loss.backward()
+                opt.step()
+                compute += time.perf_counter() - t0
+                steps += 1
+        return PhaseReport(ran=True, steps=steps, compute_seconds=compute)
+
+    def class_prior(self, peer: PeerState, *, round_index: int) -> torch.Tensor:
+        if not self.use_wsm:
+            return torch.full((peer.num_classes,), 1.0 / peer.num_classes)
+        return empirical_class_prior(peer.y_train, peer.num_classes)
+
+    def peer_status(self, peer_id: int) -> Mapping[str, object]:
+        return {}
