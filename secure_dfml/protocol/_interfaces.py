@@ -36,6 +36,7 @@ class PeerState:
     generator: torch.Generator
     peak_state: dict[str, torch.Tensor] | None = None
     peak_round: int | None = None
+    peak_metrics: tuple[float, float] | None = None  # (global, local) accuracy of the peak model
 
     @property
     def num_train(self) -> int:

@@ -1,0 +1,94 @@
+"""`secure-dfml run`: train a federation and print per-peer results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
+from secure_dfml.config import ALGORITHMS, RunConfig, load_config
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title=f"{summary['algorithm']} on {summary['dataset']}: {summary['rounds']} rounds")
+    has_eps = any("epsilon_spent" in p for p in summary["peers"].values())
+    for col in ("peer", "arch", "global %", "local %", "peak global %", "peak local %"):
+        table.add_column(col, justify="right" if "%" in col or col == "peer" else "left")
+    if has_eps:
+        table.add_column("epsilon spent / target", justify="right")
+        table.add_column("status")
+    for pid, p in summary["peers"].items():
+        row = [pid, p["arch"], _pct(p["global_acc"]), _pct(p["local_acc"]), _pct(p.get("peak_global_acc")), _pct(p.get("peak_local_acc"))]
+        if has_eps:
+            row += [f"{p.get('epsilon_spent', 0):.2f} / {p.get('epsilon_target', float('nan')):.2f}", str(p.get("status", ""))]
+        table.add_row(*row)
+    table.add_section()
+    mean_row = ["mean", "", _pct(summary["mean_global_acc"]), _pct(summary["mean_local_acc"]),
+                _pct(summary["mean_peak_global_acc"]), _pct(summary["mean_peak_local_acc"])]
+    table.add_row(*(mean_row + (["", ""] if has_eps else [])))
+    console.print(table)
+    if summary.get("server_global_acc") is not None:
+        console.print(f"central server model global accuracy: {_pct(summary['server_global_acc'])}%")
+    console.print(f"privacy: {summary['privacy_label']}")
+    console.print(f"channel: {summary['channel_description']}; secure aggregation: {summary['secure_aggregation']}")
+    if summary.get("warning"):
+        console.print(f"[bold red]{summary['warning']}[/]")
+    console.print(
+        f"{summary['seconds_per_round']:.2f} s/round ({summary['compute_seconds_per_round']:.2f} s compute, "
+        f"{summary['crypto_seconds_per_round']:.3f} s crypto), {summary['bytes_per_round'] / 1e6:.2f} MB/round"
+    )
+    console.print(f"run directory: [bold]{summary['run_dir']}[/]")
+
+
+@friendly_errors
+def run(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config; omit for the built-in default federation.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<time>-<id>-<algorithm>).")] = None,
+    algorithm: Annotated[Optional[str], typer.Option(help=f"Override federation.algorithm: {', '.join(ALGORITHMS)}.")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="Override federation.rounds.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory (only once the new run succeeds).")] = False,
+    format: Annotated[OutputFormat, typer.Option("--format", help="table or json (the summary).")] = OutputFormat.table,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log protocol events.")] = False,
+) -> None:
+    """Train a federation (DFML or a baseline) and write a run directory."""
+    from secure_dfml import config_from_dict
+    from secure_dfml._run import run_federation
+
+    setup_logging(verbose)
+    cfg = load_config(config) if config is not None else RunConfig()
+    overrides: dict[str, Any] = {}
+    if algorithm is not None:
+        overrides["algorithm"] = algorithm
+    if rounds is not None:
+        overrides["rounds"] = rounds
+    if overrides:
+        raw = cfg.to_dict()
+        raw["federation"].update(overrides)
+        cfg = config_from_dict(raw)
+    total = cfg.federation.rounds
+    with Progress(
+        TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(), console=console, disable=format is OutputFormat.json, transient=False,
+    ) as progress:
+        task = progress.add_task("rounds", total=total, status="building federation")
+
+        def on_round(record: dict[str, Any]) -> None:
+            status = f"global {_pct(record['mean_global_acc'])}% local {_pct(record['mean_local_acc'])}%"
+            eps = [p["epsilon_spent"] for p in record["peers"].values() if "epsilon_spent" in p]
+            if eps:
+                status += f" | eps spent max {max(eps):.2f}"
+            progress.update(task, advance=1, status=status)
+
+        summary = run_federation(cfg, out, overwrite=overwrite, on_round=on_round)
+    if format is OutputFormat.json:
+        print_json(summary)
+    else:
+        print_summary(summary)

@@ -1,0 +1,217 @@
+"""Heterogeneous model zoo.  Every model is DP-compatible: GroupNorm, no BatchNorm,
+no in-place activations, parameters initialised from an explicit generator."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from secure_dfml.errors import ModelError
+
+
+def _flat(shape: tuple[int, ...]) -> int:
+    return int(math.prod(shape))
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, hidden: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _conv_block(cin: int, cout: int, groups: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.ReLU())
+
+
+class SmallCNN(nn.Module):
+    """Two conv layers (16, 32 channels) and a linear head."""
+
+    def __init__(self, channels: int, num_classes: int, widths: tuple[int, ...] = (16, 32)) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        cin = channels
+        for w in widths:
+            blocks += [_conv_block(cin, w, min(8, w // 4)), nn.MaxPool2d(2, ceil_mode=True)]
+            cin = w
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.head = nn.Linear(cin * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.gn1 = nn.GroupNorm(min(8, cout // 4), cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.gn2 = nn.GroupNorm(min(8, cout // 4), cout)
+        self.act = nn.ReLU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.GroupNorm(min(8, cout // 4), cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.gn1(self.conv1(x)))
+        out = self.gn2(self.conv2(out))
+        return self.act(out + self.shortcut(x))
+
+
+class ResNetGN(nn.Module):
+    """A small ResNet (3 stages of basic blocks) with GroupNorm."""
+
+    def __init__(self, channels: int, num_classes: int, widths: tuple[int, ...] = (16, 32, 64)) -> None:
+        super().__init__()
+        self.stem = _conv_block(channels, widths[0], min(8, widths[0] // 4))
+        stages: list[nn.Module] = []
+        cin = widths[0]
+        for i, w in enumerate(widths):
+            stages.append(BasicBlock(cin, w, stride=1 if i == 0 else 2))
+            cin = w
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+
+
+Builder = Callable[[tuple[int, ...], int], nn.Module]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    kind: str  # "image" or "tabular"
+    description: str
+    build: Builder
+
+
+MODEL_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register(name: str, kind: str, description: str) -> Callable[[Builder], Builder]:
+    def deco(fn: Builder) -> Builder:
+        MODEL_REGISTRY[name] = ArchSpec(name, kind, description, fn)
+        return fn
+
+    return deco
+
+
+@register("mlp", "image", "2-hidden-layer MLP (200, 100) on flattened pixels")
+def _mlp(shape: tuple[int, ...], k: int) -> nn.Module:
+    return MLP(_flat(shape), (200, 100), k)
+
+
+@register("cnn-small", "image", "2 conv layers (16, 32) + GroupNorm, linear head")
+def _cnn_small(shape: tuple[int, ...], k: int) -> nn.Module:
+    return SmallCNN(shape[0], k, (16, 32))
+
+
+@register("cnn-wide", "image", "3 conv layers (32, 64, 128) + GroupNorm, linear head")
+def _cnn_wide(shape: tuple[int, ...], k: int) -> nn.Module:
+    return SmallCNN(shape[0], k, (32, 64, 128))
+
+
+@register("resnet-gn", "image", "ResNet with 3 GroupNorm basic blocks (16, 32, 64)")
+def _resnet(shape: tuple[int, ...], k: int) -> nn.Module:
+    return ResNetGN(shape[0], k, (16, 32, 64))
+
+
+@register("tab-mlp-small", "tabular", "MLP with one hidden layer of 32")
+def _tab_small(shape: tuple[int, ...], k: int) -> nn.Module:
+    return MLP(_flat(shape), (32,), k)
+
+
+@register("tab-mlp-wide", "tabular", "MLP with hidden layers (128, 64)")
+def _tab_wide(shape: tuple[int, ...], k: int) -> nn.Module:
+    return MLP(_flat(shape), (128, 64), k)
+
+
+DEFAULT_MIX: dict[str, tuple[str, ...]] = {
+    "image": ("cnn-small", "mlp", "resnet-gn", "cnn-wide"),
+    "tabular": ("tab-mlp-small", "tab-mlp-wide"),
+}
+
+
+def available_models(kind: str | None = None) -> list[str]:
+    return [n for n, s in MODEL_REGISTRY.items() if kind is None or s.kind == kind]
+
+
+def _reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
+    """Re-initialise every parameter from ``generator`` (PyTorch's default
+    schemes, but never the global RNG)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+        elif isinstance(module, nn.GroupNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def build_model(
+    name: str, *, input_shape: tuple[int, ...], num_classes: int, kind: str, generator: torch.Generator
+) -> nn.Module:
+    """Build architecture ``name`` for inputs of ``input_shape`` (C,H,W or F,)."""
+    spec = MODEL_REGISTRY.get(name)
+    if spec is None:
+        raise ModelError(f"unknown architecture {name!r}; available: {', '.join(MODEL_REGISTRY)}.")
+    if spec.kind != kind:
+        raise ModelError(
+            f"architecture {name!r} is for {spec.kind} data but the data set is {kind}; "
+            f"choose one of: {', '.join(available_models(kind))}."
+        )
+    model = spec.build(tuple(input_shape), num_classes)
+    _reset_parameters(model, generator)
+    return model
+
+
+def resolve_architectures(
+    num_peers: int, *, kind: str, mix: tuple[str, ...] = (), per_peer: tuple[str, ...] = ()
+) -> list[str]:
+    """Architecture per peer: an explicit list, or ``mix`` cycled over the peers."""
+    if per_peer:
+        if len(per_peer) != num_peers:
+            raise ModelError(
+                f"models.per_peer lists {len(per_peer)} architectures but federation.peers = {num_peers}; "
+                "give one per peer or use models.mix."
+            )
+        archs = list(per_peer)
+    else:
+        cycle = mix or DEFAULT_MIX[kind]
+        archs = [cycle[i % len(cycle)] for i in range(num_peers)]
+    for a in set(archs):
+        spec = MODEL_REGISTRY.get(a)
+        if spec is None:
+            raise ModelError(f"unknown architecture {a!r}; available: {', '.join(MODEL_REGISTRY)}.")
+        if spec.kind != kind:
+            raise ModelError(
+                f"architecture {a!r} is for {spec.kind} data but the data set is {kind}; "
+                f"choose from: {', '.join(available_models(kind))}."
+            )
+    return archs
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,98 @@
+"""Config validation and the model zoo."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+
+from secure_dfml.config import RunConfig, config_from_dict, dump_toml, load_config
+from secure_dfml.errors import ConfigError, ModelError, SecureDFMLError
+from secure_dfml.models import MODEL_REGISTRY, available_models, build_model, resolve_architectures
+
+
+def test_default_config_round_trips_through_toml():
+    cfg = RunConfig()
+    assert config_from_dict(tomllib.loads(dump_toml(cfg))) == cfg
+
+
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        ({"federation": {"peerz": 3}}, "unknown key(s) 'peerz' in [federation]"),
+        ({"dfml": {"alpha_max": 2}}, "dfml.alpha_max"),
+        ({"federation": {"algorithm": "fedprox"}}, "one of 'dfml'"),
+        ({"federation": {"participants": 20}}, "between 2 and peers"),
+        ({"data": {"partition": "random"}}, "'iid', 'dirichlet', 'shards'"),
+        ({"dfml": {"temperature": 0}}, "dfml.temperature"),
+        ({"federation": {"rounds": "ten"}}, "expected an integer"),
+        ({"crypto": {"channel": "none"}}, "allow_insecure"),
+        ({"privacy": {"epsilon": -1}}, "privacy.epsilon"),
+        ({"privacy": {"peers": {"x": {"epsilon": 1.0}}}}, "peer ids as integers"),
+        ({"surprise": {}}, "unknown key(s) 'surprise'"),
+    ],
+)
+def test_config_errors_name_field_and_allowed_values(raw, needle):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    assert needle in str(info.value)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, SecureDFMLError)
+
+
+def test_load_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[federation\npeers = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    ok = tmp_path / "ok.toml"
+    ok.write_text('[federation]\npeers = 4\nparticipants = 3\n[privacy.peers.2]\nepsilon = 2.0\n')
+    cfg = load_config(ok)
+    assert cfg.federation.peers == 4 and cfg.privacy.peers["2"].epsilon == 2.0
+
+
+def test_configs_are_frozen():
+    cfg = RunConfig()
+    with pytest.raises(AttributeError):
+        cfg.federation.peers = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
+def test_image_zoo_builds_and_is_dp_compatible(shape):
+    sizes = set()
+    for name in available_models("image"):
+        m = build_model(name, input_shape=shape, num_classes=10, kind="image", generator=torch.Generator().manual_seed(0))
+        assert m(torch.zeros(3, *shape)).shape == (3, 10)
+        assert ModuleValidator.validate(m, strict=False) == []
+        sizes.add(sum(p.numel() for p in m.parameters()))
+    assert len(sizes) == len(available_models("image")) >= 4
+
+
+def test_tabular_zoo():
+    names = available_models("tabular")
+    assert len(names) >= 2
+    for name in names:
+        m = build_model(name, input_shape=(11,), num_classes=2, kind="tabular", generator=torch.Generator().manual_seed(0))
+        assert m(torch.zeros(4, 11)).shape == (4, 2)
+        assert ModuleValidator.validate(m, strict=False) == []
+
+
+def test_model_init_uses_only_the_given_generator():
+    a = build_model("cnn-small", input_shape=(1, 8, 8), num_classes=10, kind="image", generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(123)  # global state must not matter
+    b = build_model("cnn-small", input_shape=(1, 8, 8), num_classes=10, kind="image", generator=torch.Generator().manual_seed(5))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_architecture_errors():
+    with pytest.raises(ModelError, match="unknown architecture 'vgg'"):
+        resolve_architectures(3, kind="image", mix=("vgg",))
+    with pytest.raises(ModelError, match="tabular"):
+        resolve_architectures(3, kind="image", mix=("tab-mlp-small",))
+    with pytest.raises(ModelError, match="one per peer"):
+        resolve_architectures(3, kind="image", per_peer=("mlp",))
+    assert resolve_architectures(5, kind="image", mix=("mlp", "cnn-small")) == ["mlp", "cnn-small"] * 2 + ["mlp"]
+    assert set(MODEL_REGISTRY) >= {"mlp", "cnn-small", "cnn-wide", "resnet-gn"}
