@@ -20,7 +20,7 @@ from secure_dfml.config import RunConfig, dump_toml
 from secure_dfml.errors import ConfigError, RunDirectoryError
 from secure_dfml.models import build_model, resolve_architectures
 from secure_dfml.protocol._interfaces import PeerState, Trainer
-from secure_dfml.protocol.engine import RoundEngine
+from secure_dfml.protocol.engine import RoundEngine, link_fails
 from secure_dfml.protocol.strategies import build_strategy
 from secure_dfml.transport import InMemoryTransport
 
@@ -112,7 +112,9 @@ def build_federation(cfg: RunConfig, *, ledger_dir: Path | None = None) -> Feder
         strategy=strategy,
         trainer=trainer,
         channel=channel,
-        transport=InMemoryTransport(),
+        transport=InMemoryTransport(
+            drop=lambda m: link_fails(cfg, m.round_index, m.sender, m.recipient, m.kind)
+        ),
         model_factory=lambda i: make(i if i < f.peers else 0, template_gen),
         averager=averager,
         server_model=server_model,

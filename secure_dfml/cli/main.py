@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
+from secure_dfml.cli import budget, keys
 from secure_dfml.cli.run import run
 
 app = typer.Typer(
@@ -14,9 +17,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("run")(run)
+app.add_typer(keys.app, name="keys", help="Create and inspect per-peer signing and box keys.")
+app.add_typer(budget.app, name="budget", help="Plan privacy budgets and inspect ledgers.")
 
 
 def main() -> None:
+    # Many small models on few cores: one intra-op thread per process is far faster
+    # than oversubscribed thread pools.  SECURE_DFML_THREADS overrides.
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("SECURE_DFML_THREADS", "1")))
     app()
 
 

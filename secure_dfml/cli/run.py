@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
-from secure_dfml.config import ALGORITHMS, RunConfig, load_config
+from secure_dfml.config import ALGORITHMS, default_config, load_config
 
 
 def _pct(v: Any) -> str:
@@ -63,7 +63,7 @@ def run(
     from secure_dfml._run import run_federation
 
     setup_logging(verbose)
-    cfg = load_config(config) if config is not None else RunConfig()
+    cfg = load_config(config) if config is not None else default_config()
     overrides: dict[str, Any] = {}
     if algorithm is not None:
         overrides["algorithm"] = algorithm

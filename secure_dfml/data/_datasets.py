@@ -451,7 +451,41 @@ def _load_cardio(cfg: DataConfig, rng: np.random.Generator) -> ArrayDataset:
     return _tabular("cardio", x[tr], y[tr], x[te], y[te], ("absent", "present"))
 
 
+# ---------------------------------------------------------------------------
+# fashion-mnist-mini (bundled with secure_dfml)
+
+FASHION_MINI_FILE = Path(__file__).resolve().parents[1] / "resources" / "data" / "fashion-mnist-mini.npz"
+
+
+def _load_fashion_mnist_mini(cfg: DataConfig, rng: np.random.Generator) -> ArrayDataset:
+    """Stratified 20,000/2,000 Fashion-MNIST subset at 14x14 (2x2 mean pooled),
+    shipped with the package (MIT licence) so the default run needs no files.
+    Rebuilt by benchmarks/make_fashion_mnist_mini.py."""
+    try:
+        with np.load(FASHION_MINI_FILE, allow_pickle=False) as z:
+            x_tr, y_tr, x_te, y_te = (z[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+    except OSError as exc:
+        raise DataError(
+            f"the bundled file {FASHION_MINI_FILE} is missing or unreadable ({exc}); reinstall secure-dfml."
+        ) from None
+    tr = subsample_positions(y_tr, cfg.max_train_samples, rng)
+    te = subsample_positions(y_te, cfg.max_test_samples, rng)
+    return _finish_images(
+        "fashion-mnist-mini",
+        _take(x_tr, tr)[:, None],
+        _take(y_tr, tr).astype(np.int64),
+        _take(x_te, te)[:, None],
+        _take(y_te, te).astype(np.int64),
+        FASHION_MNIST_CLASSES,
+        (FASHION_MNIST_MEAN,),
+        (FASHION_MNIST_STD,),
+    )
+
+
 _REGISTRY: dict[str, _Builtin] = {
+    "fashion-mnist-mini": _Builtin(
+        _load_fashion_mnist_mini, "bundled", "Fashion-MNIST subset shipped with secure_dfml, 20k/2k 14x14, 10 classes"
+    ),
     "digits": _Builtin(_load_digits, "bundled", "scikit-learn digits, 1,797 8x8 greyscale images, 10 classes"),
     "breast-cancer": _Builtin(_load_breast_cancer, "bundled", "scikit-learn breast cancer, 569 patients x 30 features"),
     "fashion-mnist": _Builtin(_load_fashion_mnist, "idx", "Fashion-MNIST, 60k/10k 28x28 greyscale, 10 classes"),

@@ -67,6 +67,16 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
     }
 
 
+def link_fails(cfg: RunConfig, round_index: int, sender: int, recipient: int, kind: str) -> bool:
+    """Simulated link failure (``dfml.drop_probability``), deterministic in
+    (seed, round, sender, recipient, kind)."""
+    p = cfg.dfml.drop_probability
+    if p <= 0:
+        return False
+    key = f"{cfg.federation.seed}|{round_index}|{sender}|{recipient}|{kind}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") / 2**64 < p
+
+
 class RoundEngine:
     """Runs rounds: selection -> strategy group step -> peak snapshots -> evaluation.
 
@@ -251,13 +261,7 @@ class RoundEngine:
         return avg, arrived
 
     def link_up(self, sender: int, recipient: int, kind: str) -> bool:
-        """Simulated link failure, deterministic in (seed, round, sender, recipient, kind)."""
-        p = self.cfg.dfml.drop_probability
-        if p <= 0:
-            return True
-        key = f"{self.cfg.federation.seed}|{self.stats.round_index}|{sender}|{recipient}|{kind}".encode()
-        u = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") / 2**64
-        return u >= p
+        return not link_fails(self.cfg, self.stats.round_index, sender, recipient, kind)
 
     # -- the loop ----------------------------------------------------------------------
 

@@ -1,0 +1,158 @@
+"""The round engine end to end on small real data (scikit-learn digits)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from secure_dfml import config_from_dict
+from secure_dfml._run import build_federation, run_federation
+from secure_dfml.errors import ConfigError, RunDirectoryError
+from secure_dfml.transport import Message
+
+BASE = {
+    "federation": {"rounds": 3, "peers": 6, "participants": 4},
+    "data": {"name": "digits", "dirichlet_alpha": 0.3, "auditor_pool": 100},
+    "models": {"mix": ["mlp", "cnn-small"]},
+    "dfml": {"ml_epochs": 1, "period": 3},
+}
+
+
+def cfg_with(**sections):
+    raw = json.loads(json.dumps(BASE))
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return config_from_dict(raw)
+
+
+def strip_times(records):
+    out = []
+    for r in records:
+        r = {k: v for k, v in r.items() if "seconds" not in k}
+        r["phases"] = [{k: v for k, v in p.items() if "seconds" not in k} for p in r["phases"]]
+        out.append(r)
+    return out
+
+
+def read_metrics(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+    cfg = cfg_with()
+    run_federation(cfg, tmp_path / "a", plot=False)
+    torch.manual_seed(999)  # global RNG state must not matter
+    run_federation(cfg, tmp_path / "b", plot=False)
+    assert strip_times(read_metrics(tmp_path / "a")) == strip_times(read_metrics(tmp_path / "b"))
+    other = cfg_with(federation={"seed": 7})
+    run_federation(other, tmp_path / "c", plot=False)
+    assert strip_times(read_metrics(tmp_path / "a")) != strip_times(read_metrics(tmp_path / "c"))
+
+
+def test_run_directory_contents(tmp_path):
+    summary = run_federation(cfg_with(), tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "accuracy.png"):
+        assert (run / name).is_file(), name
+    records = read_metrics(run)
+    assert len(records) == 3
+    r = records[-1]
+    assert r["peak"] and r["bytes"] > 0 and r["seconds"] >= r["compute_seconds"] > 0
+    assert set(r["peers"]) == {str(i) for i in range(6)}
+    for p in r["peers"].values():
+        assert {"global_acc", "local_acc", "peak_global_acc", "peak_local_acc", "arch"} <= set(p)
+    g = r["groups"][0]
+    assert g["aggregator"] not in g["senders"] and len(g["senders"]) == 3
+    finals = sorted((run / "models").glob("*_final.safetensors"))
+    peaks = sorted((run / "models").glob("*_peak.safetensors"))
+    assert len(finals) == len(peaks) == 6
+    assert not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl"))
+    state = load_file(str(finals[0]))
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert json.loads((run / "summary.json").read_text())["mean_global_acc"] == summary["mean_global_acc"]
+    assert summary["channel"] == "nacl" and summary["channel_secure"]
+
+
+def test_missing_senders_never_block_a_round(tmp_path):
+    cfg = cfg_with(dfml={"drop_probability": 0.5, "sender_timeout": 0.5}, federation={"rounds": 4})
+    run_federation(cfg, tmp_path / "run", plot=False)
+    groups = [g for r in read_metrics(tmp_path / "run") for g in r["groups"]]
+    assert any(g["missing"] for g in groups)  # some senders were lost ...
+    assert len(groups) == 4  # ... and every round still completed
+
+
+@pytest.mark.parametrize("algorithm", ["gossip-avg", "fedavg-central"])
+def test_averaging_baselines_refuse_heterogeneous_models(tmp_path, algorithm):
+    with pytest.raises(ConfigError, match="same architecture"):
+        run_federation(cfg_with(federation={"algorithm": algorithm}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("algorithm", ["gossip-avg", "fedavg-central", "def-kt", "local"])
+def test_baselines_run_on_the_same_engine(tmp_path, algorithm):
+    cfg = cfg_with(federation={"algorithm": algorithm}, models={"mix": ["cnn-small"]})
+    s = run_federation(cfg, tmp_path / "run", plot=False)
+    assert s["algorithm"] == algorithm and 0 <= s["mean_global_acc"] <= 1
+    if algorithm == "fedavg-central":
+        assert s["server_global_acc"] is not None
+    if algorithm in ("gossip-avg", "fedavg-central"):
+        # averaged groups return one model to every member
+        last = read_metrics(tmp_path / "run")[-1]
+        g = last["groups"][0]
+        states = [load_file(str(tmp_path / "run" / "models" / f"peer_{p:03d}_final.safetensors")) for p in g["returned"]]
+        assert all(torch.equal(states[0][k], s2[k]) for s2 in states[1:] for k in states[0])
+
+
+def test_bad_messages_are_rejected_and_change_nothing():
+    from secure_dfml.protocol.engine import RoundStats
+
+    engine = build_federation(cfg_with()).engine
+    engine._stats = RoundStats(round_index=0, alpha=0.0, peak=False)
+    assert engine.peers[1].arch == "cnn-small" and engine.peers[2].arch == "mlp"
+    # garbage bytes claiming to come from peer 1
+    engine.transport.send(Message(sender=1, recipient=0, round_index=0, kind="model", data=b"\x00" * 64))
+    assert engine.receive_models(0, "model", [1]) == {}
+    assert engine.rejected_messages == 1
+    # a correctly sealed payload whose tensors do not match peer 1's declared architecture
+    engine.send_model(1, 0, "model", engine.peers[2].model.state_dict())
+    assert engine.receive_models(0, "model", [1]) == {}
+    assert engine.rejected_messages == 2
+    # an unexpected sender is ignored
+    engine.send_model(3, 0, "model", engine.peers[3].model.state_dict())
+    assert engine.receive_models(0, "model", [1]) == {}
+    # and a valid message is still accepted afterwards, bit for bit
+    engine.send_model(1, 0, "model", engine.peers[1].model.state_dict())
+    got = engine.receive_models(0, "model", [1])
+    assert all(torch.equal(got[1][k], v) for k, v in engine.peers[1].model.state_dict().items())
+
+
+def test_existing_results_are_never_overwritten_by_accident(tmp_path):
+    cfg = cfg_with(federation={"rounds": 1})
+    run_federation(cfg, tmp_path / "run", plot=False)
+    marker = (tmp_path / "run" / "summary.json").read_text()
+    with pytest.raises(RunDirectoryError, match="--overwrite"):
+        run_federation(cfg, tmp_path / "run", plot=False)
+    bad = cfg_with(federation={"algorithm": "gossip-avg", "rounds": 1})
+    with pytest.raises(ConfigError):
+        run_federation(bad, tmp_path / "run", overwrite=True, plot=False)
+    assert (tmp_path / "run" / "summary.json").read_text() == marker  # a failed run leaves earlier results intact
+
+
+@pytest.mark.slow
+def test_dfml_beats_local_only_on_global_accuracy(tmp_path):
+    """Heterogeneous models, non-IID digits: DFML transfers knowledge, local-only cannot."""
+    common = dict(
+        federation={"rounds": 12, "peers": 6, "participants": 6},
+        dfml={"ml_epochs": 2, "period": 10},
+    )
+    dfml = run_federation(cfg_with(**common), tmp_path / "dfml", plot=False)
+    local = run_federation(
+        cfg_with(federation={**common["federation"], "algorithm": "local"}, dfml=common["dfml"]),
+        tmp_path / "local",
+        plot=False,
+    )
+    assert dfml["mean_global_acc"] >= local["mean_global_acc"] + 0.15, (dfml["mean_global_acc"], local["mean_global_acc"])
