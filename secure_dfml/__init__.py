@@ -1,7 +1,16 @@
 """secure_dfml: Decentralized Federated Mutual Learning, hardened for privacy."""
 
-from secure_dfml.config import RunConfig, config_from_dict, load_config
+from secure_dfml._run import build_federation, run_federation
+from secure_dfml.config import RunConfig, config_from_dict, default_config, load_config
 from secure_dfml.errors import SecureDFMLError
 
-__all__ = ["RunConfig", "SecureDFMLError", "config_from_dict", "load_config"]
+__all__ = [
+    "RunConfig",
+    "SecureDFMLError",
+    "build_federation",
+    "config_from_dict",
+    "default_config",
+    "load_config",
+    "run_federation",
+]
 __version__ = "0.1.0"

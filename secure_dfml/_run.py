@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from secure_dfml.config import RunConfig, dump_toml
+from secure_dfml.data import ArrayDataset, FederatedSplit
 from secure_dfml.errors import ConfigError, RunDirectoryError
 from secure_dfml.models import build_model, resolve_architectures
 from secure_dfml.protocol._interfaces import PeerState, Trainer
@@ -27,6 +28,8 @@ from secure_dfml.transport import InMemoryTransport
 logger = logging.getLogger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
+# (peer id, x_train, y_train) -> (x_train, y_train): e.g. the canary audit inserts canaries.
+PeerDataHook = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class Federation:
     cfg: RunConfig
     engine: RoundEngine
     labels: dict[str, Any]
+    dataset: ArrayDataset
+    split: FederatedSplit
 
 
 def _seeds(seed: int, n: int) -> list[int]:
@@ -48,7 +53,9 @@ def _build_trainer(cfg: RunConfig, peers: list[PeerState], ledger_dir: Path | No
     return build_trainer(cfg, peers, ledger_dir=ledger_dir, generator=None)
 
 
-def build_federation(cfg: RunConfig, *, ledger_dir: Path | None = None) -> Federation:
+def build_federation(
+    cfg: RunConfig, *, ledger_dir: Path | None = None, peer_data_hook: PeerDataHook | None = None
+) -> Federation:
     """Load data, partition it, build peers and the engine.  Raises a clear
     error for any inconsistency before a single step of training."""
     from secure_dfml.crypto import build_channel, build_secure_averager
@@ -83,13 +90,16 @@ def build_federation(cfg: RunConfig, *, ledger_dir: Path | None = None) -> Feder
         init_gen = torch.Generator().manual_seed(seed)
         train_idx = torch.from_numpy(np.asarray(ps.train, dtype=np.int64))
         test_idx = torch.from_numpy(np.asarray(ps.local_test, dtype=np.int64))
+        x_train, y_train = x_all[train_idx], y_all[train_idx]
+        if peer_data_hook is not None:
+            x_train, y_train = peer_data_hook(i, x_train, y_train)
         peers.append(
             PeerState(
                 peer_id=i,
                 arch=archs[i],
                 model=make(i, init_gen),
-                x_train=x_all[train_idx],
-                y_train=y_all[train_idx],
+                x_train=x_train,
+                y_train=y_train,
                 x_local_test=x_all[test_idx],
                 y_local_test=y_all[test_idx],
                 num_classes=dataset.num_classes,
@@ -133,7 +143,7 @@ def build_federation(cfg: RunConfig, *, ledger_dir: Path | None = None) -> Feder
     }
     if not channel.secure:
         labels["warning"] = "INSECURE: models travel in clear (crypto.channel = none)"
-    return Federation(cfg=cfg, engine=engine, labels=labels)
+    return Federation(cfg=cfg, engine=engine, labels=labels, dataset=dataset, split=split)
 
 
 def _summary(fed: Federation, records: list[dict[str, Any]], run_dir: Path, seconds: float) -> dict[str, Any]:
@@ -153,7 +163,7 @@ def _summary(fed: Federation, records: list[dict[str, Any]], run_dir: Path, seco
         "mean_peak_global_acc": last["mean_peak_global_acc"],
         "mean_peak_local_acc": last["mean_peak_local_acc"],
         "server_global_acc": last["server_global_acc"],
-        "best_mean_global_acc": max(r["mean_global_acc"] for r in records),
+        "best_mean_global_acc": max((r["mean_global_acc"] for r in records if r["mean_global_acc"] is not None), default=None),
         "seconds_per_round": sum(r["seconds"] for r in records) / n,
         "compute_seconds_per_round": sum(r["compute_seconds"] for r in records) / n,
         "crypto_seconds_per_round": sum(r["crypto_seconds"] for r in records) / n,
@@ -176,6 +186,17 @@ def _save_models(fed: Federation, models_dir: Path) -> None:
                 str(models_dir / f"peer_{p.peer_id:03d}_peak.safetensors"),
                 metadata={**meta, "round": str(p.peak_round)},
             )
+
+
+def _save_views(fed: Federation, views_dir: Path) -> None:
+    """Models as a curious aggregator received them and as senders got them back."""
+    for (view, peer), state in fed.engine.views.items():
+        (views_dir / view).mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.contiguous() for k, v in state.items()},
+            str(views_dir / view / f"peer_{peer:03d}.safetensors"),
+            metadata={"arch": fed.engine.peers[peer].arch, "peer": str(peer), "view": view},
+        )
 
 
 def default_run_dir(cfg: RunConfig, root: Path = Path("runs")) -> Path:
@@ -219,6 +240,7 @@ def run_federation(
                 on_round(record)
     summary = _summary(fed, records, run_dir, time.perf_counter() - t0)
     _save_models(fed, partial / "models")
+    _save_views(fed, partial / "views")
     (partial / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     if plot:
         from secure_dfml.report.plots import plot_accuracy

@@ -39,6 +39,7 @@ class FederationConfig:
     groups: int = 1
     seed: int = 0
     algorithm: Algorithm = "dfml"
+    eval_every: int = 1
 
     def validate(self, path: str) -> None:
         _require(bool(self.id), f"{path}.id", self.id, "a non-empty string")
@@ -57,6 +58,7 @@ class FederationConfig:
             f"an integer >= 1 with at least 2 participants per group (participants = {self.participants})",
         )
         _require(self.seed >= 0, f"{path}.seed", self.seed, "an integer >= 0")
+        _require(self.eval_every >= 1, f"{path}.eval_every", self.eval_every, "an integer >= 1 (rounds)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,1 +1,138 @@
-"""audit."""
+"""Leakage audits: membership-inference attacks, metrics, empirical epsilon, threat models.
+
+Typical use (engine-independent)::
+
+    from secure_dfml import audit
+    res = audit.audit_model(
+        model, x_members=xm, y_members=ym, x_nonmembers=xn, y_nonmembers=yn,
+        pool_x=px, pool_y=py, model_factory=make_model, train_fn=train,
+        attacks=("loss", "lira_online", "rmia_online"), n_reference=4,
+        rng=np.random.default_rng(0),
+    )
+    res.results["rmia_online"].metrics.auc   # Estimate(value, ci_low, ci_high)
+
+Attacks are pure functions over arrays (see :data:`ATTACKS`); signals are
+computed once per (model, samples) by :func:`compute_signals`.
+"""
+
+from secure_dfml.audit._attacks import (
+    ATTACKS,
+    DEFAULT_RMIA_OFFLINE_A,
+    AttackInputs,
+    AttackOutput,
+    AttackSpec,
+    get_attack,
+    lira_offline,
+    lira_online,
+    loss_attack,
+    population_attack,
+    rmia,
+    rmia_offline,
+    rmia_online,
+    tune_rmia_offline_a,
+)
+from secure_dfml.audit._epsilon import (
+    CountsBound,
+    LedgerComparison,
+    OneRunResult,
+    clopper_pearson,
+    clopper_pearson_epsilon_lower_bound,
+    compare_with_ledger,
+    dp_consistency_violations,
+    epsilon_lower_bound_from_scores,
+    one_run_audit,
+    one_run_epsilon_lower_bound,
+    one_run_p_value,
+)
+from secure_dfml.audit._metrics import (
+    DEFAULT_FPR_LEVELS,
+    AttackMetrics,
+    Estimate,
+    RocCurve,
+    auc,
+    evaluate_attack,
+    roc_curve,
+    tpr_at_fpr,
+    unsupported_fpr_reason,
+)
+from secure_dfml.audit._reference import (
+    ModelFactory,
+    ReferenceModels,
+    TrainFn,
+    membership_design,
+    train_reference_models,
+)
+from secure_dfml.audit._runner import DEFAULT_ATTACKS, AttackResult, AuditResult, audit_model, run_attacks
+from secure_dfml.audit._signals import Signals, compute_signals, stable_phi, stack_signals, true_class_log_prob
+from secure_dfml.audit._training import make_trainer, reinit_parameters, torch_generator
+from secure_dfml.audit._threat_models import (
+    THREAT_MODEL_VIEWS,
+    ThreatModel,
+    list_threat_models,
+    load_threat_model,
+    threat_models_dir,
+)
+from secure_dfml.audit.report import findings, render_html_report, write_html_report
+
+__all__ = [
+    "ATTACKS",
+    "DEFAULT_ATTACKS",
+    "DEFAULT_FPR_LEVELS",
+    "DEFAULT_RMIA_OFFLINE_A",
+    "THREAT_MODEL_VIEWS",
+    "AttackInputs",
+    "AttackMetrics",
+    "AttackOutput",
+    "AttackResult",
+    "AttackSpec",
+    "AuditResult",
+    "CountsBound",
+    "Estimate",
+    "LedgerComparison",
+    "ModelFactory",
+    "OneRunResult",
+    "ReferenceModels",
+    "RocCurve",
+    "Signals",
+    "ThreatModel",
+    "TrainFn",
+    "audit_model",
+    "auc",
+    "clopper_pearson",
+    "clopper_pearson_epsilon_lower_bound",
+    "compare_with_ledger",
+    "compute_signals",
+    "dp_consistency_violations",
+    "epsilon_lower_bound_from_scores",
+    "evaluate_attack",
+    "findings",
+    "get_attack",
+    "lira_offline",
+    "make_trainer",
+    "reinit_parameters",
+    "torch_generator",
+    "lira_online",
+    "list_threat_models",
+    "load_threat_model",
+    "loss_attack",
+    "membership_design",
+    "one_run_audit",
+    "one_run_epsilon_lower_bound",
+    "one_run_p_value",
+    "population_attack",
+    "render_html_report",
+    "rmia",
+    "rmia_offline",
+    "rmia_online",
+    "roc_curve",
+    "run_attacks",
+    "stable_phi",
+    "stack_signals",
+    "threat_models_dir",
+    "tpr_at_fpr",
+    "train_reference_models",
+    "true_class_log_prob",
+    "tune_rmia_offline_a",
+    "unsupported_fpr_reason",
+    "write_html_report",
+]

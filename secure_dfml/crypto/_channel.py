@@ -434,6 +434,19 @@ class PlainChannel(_StatsMixin):
         self._add_stats(opened=1, payload_bytes_opened=len(data), wire_bytes_opened=len(data))
         return data
 
+    def open_with(
+        self,
+        envelope: bytes,
+        accept: Callable[[bytes], T] | None,
+        *,
+        sender: int,
+        recipient: int,
+        round_index: int,
+        kind: str,
+    ) -> T:
+        payload = self.open(envelope, sender=sender, recipient=recipient, round_index=round_index, kind=kind)
+        return accept(payload) if accept is not None else payload  # type: ignore[return-value]
+
 
 # --------------------------------------------------------------------------
 # Factory and state helpers

@@ -13,12 +13,14 @@ plugs in through one of these interfaces instead of forking the loop:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -96,6 +98,20 @@ class Channel(Protocol):
     def seal(self, payload: bytes, *, sender: int, recipient: int, round_index: int, kind: str) -> bytes: ...
 
     def open(self, envelope: bytes, *, sender: int, recipient: int, round_index: int, kind: str) -> bytes: ...
+
+    def open_with(
+        self,
+        envelope: bytes,
+        accept: Callable[[bytes], T] | None,
+        *,
+        sender: int,
+        recipient: int,
+        round_index: int,
+        kind: str,
+    ) -> T:
+        """``open`` then ``accept(payload)`` (e.g. the codec's schema check); the
+        message counts as received (replay cache) only if both succeed."""
+        ...
 
 
 @dataclass(frozen=True)

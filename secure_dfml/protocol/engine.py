@@ -117,6 +117,9 @@ class RoundEngine:
             self._schemas[self.server_id] = schema_of(server_model.state_dict())
         self._stats: RoundStats | None = None
         self.rejected_messages = 0
+        # What a curious peer saw: the latest model of each sender as received by an
+        # aggregator ("received", sender) and returned to each sender ("returned", sender).
+        self.views: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
     # -- helpers used by strategies -------------------------------------------------
 
@@ -184,14 +187,18 @@ class RoundEngine:
                 continue
             try:
                 t0 = time.perf_counter()
-                payload = self.channel.open(
-                    m.data, sender=m.sender, recipient=recipient, round_index=self.stats.round_index, kind=kind
+                schema = self._schemas[(schema_from or {}).get(m.sender, m.sender)]
+                out[m.sender] = self.channel.open_with(
+                    m.data,
+                    lambda payload, schema=schema: decode_state(payload, schema),
+                    sender=m.sender,
+                    recipient=recipient,
+                    round_index=self.stats.round_index,
+                    kind=kind,
                 )
-                t1 = time.perf_counter()
-                source = (schema_from or {}).get(m.sender, m.sender)
-                out[m.sender] = decode_state(payload, self._schemas[source])
-                self.stats.crypto_seconds += t1 - t0
-                self.stats.codec_seconds += time.perf_counter() - t1
+                self.stats.crypto_seconds += time.perf_counter() - t0
+                view = ("returned", recipient) if kind == "return" else ("received", m.sender)
+                self.views[view] = out[m.sender]
             except SecureDFMLError as exc:
                 self.rejected_messages += 1
                 logger.warning("round %d: rejected %s message from %d: %s", m.round_index, kind, m.sender, exc)
@@ -281,19 +288,20 @@ class RoundEngine:
                     p.peak_state = clone_state(p.model)
                     p.peak_round = t
             t1 = time.perf_counter()
-            record = self._round_record(train_seconds, self.transport.bytes_sent - bytes_before)
+            last = t == cfg.federation.rounds - 1
+            evaluate_now = last or (t + 1) % cfg.federation.eval_every == 0
+            record = self._round_record(train_seconds, self.transport.bytes_sent - bytes_before, evaluate_now)
             record["eval_seconds"] = time.perf_counter() - t1
             yield record
 
-    def _round_record(self, train_seconds: float, wire_bytes: int) -> dict[str, Any]:
+    def _round_record(self, train_seconds: float, wire_bytes: int, evaluate_now: bool) -> dict[str, Any]:
         s = self.stats
         peers: dict[str, Any] = {}
         for p in self.peers:
-            entry: dict[str, Any] = {
-                "arch": p.arch,
-                "global_acc": evaluate(p.model, self.x_test, self.y_test),
-                "local_acc": evaluate(p.model, p.x_local_test, p.y_local_test),
-            }
+            entry: dict[str, Any] = {"arch": p.arch}
+            if evaluate_now:
+                entry["global_acc"] = evaluate(p.model, self.x_test, self.y_test)
+                entry["local_acc"] = evaluate(p.model, p.x_local_test, p.y_local_test)
             if p.peak_state is not None:
                 if s.peak or p.peak_metrics is None:
                     peak_model = copy.deepcopy(p.model)
@@ -306,7 +314,7 @@ class RoundEngine:
                 entry["peak_round"] = p.peak_round
             entry.update(self.trainer.peer_status(p.peer_id))
             peers[str(p.peer_id)] = entry
-        if self.server_model is not None:
+        if self.server_model is not None and evaluate_now:
             server_acc = evaluate(self.server_model, self.x_test, self.y_test)
         else:
             server_acc = None

@@ -1,0 +1,347 @@
+"""The differentially private :class:`~secure_dfml.protocol._interfaces.Trainer`.
+
+Per phase, for the peer whose data is read (the sender in local training, the
+aggregator in mutual learning):
+
+1. the phase's mechanism is fixed in advance -- noise multiplier sigma (from the
+   planner, or explicit), Poisson sample rate ``q = 1/ceil(n/batch)`` (batch/n
+   when the batch divides n), and ``epochs * ceil(n/batch)`` steps;
+2. the ledger checks what the peer would have spent with it; if that exceeds
+   its (epsilon, delta) the phase does not run (``PhaseReport(ran=False,
+   reason="budget exhausted ...")``, logged, and the peer's status becomes
+   "exhausted at round r"); the peer keeps its current model;
+3. otherwise the mechanism is recorded and persisted *first*, then trained.
+
+Mutual learning trains ``JointModel(models)`` as one module: each step clips
+the joint per-sample gradient of all models and adds noise once, so one step
+is one subsampled Gaussian mechanism on the aggregator's data, charged to the
+aggregator only.
+
+Class prior for WSM (``privacy.class_prior``):
+
+* ``"uniform"`` -- the public uniform prior (WSM reduces to cross-entropy); free.
+* ``"dp"``      -- the aggregator's class histogram released once with the
+  Gaussian mechanism: under add/remove-one adjacency a record changes one
+  count by 1 (L2 sensitivity 1), so adding N(0, sigma_h^2) per count is a
+  subsampled Gaussian mechanism with q = 1 and one step.  It is recorded in
+  the ledger as phase ``class_prior`` (sigma_h, 1.0, 1) and composed with the
+  DP-SGD steps by the same accountant (RDP or PRV).  sigma_h is planned so the
+  release alone would cost ``prior_fraction`` (10%) of the peer's epsilon.  The
+  noisy counts are floored at 1 and normalised (post-processing) and reused in
+  later rounds at no further cost.  Laplace noise is not offered: it does not
+  compose inside Opacus' accountants.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from secure_dfml.config import RunConfig
+from secure_dfml.privacy._accounting import Mechanism, sample_rate_for, steps_per_epoch
+from secure_dfml.privacy._dpsgd import Randomness, resolve_grad_sample_mode, run_dp_sgd
+from secure_dfml.privacy._errors import BudgetExceededError, PrivacyValidationError
+from secure_dfml.privacy._ledger import PrivacyLedger, ledger_path
+from secure_dfml.privacy._planner import DEFAULT_PRIOR_FRACTION, PeerBudget, PeerPlan, plan_peer, resolve_budget
+from secure_dfml.privacy._validate import validate_model
+from secure_dfml.protocol._interfaces import PeerState, PhaseReport, Trainer
+from secure_dfml.protocol._train import PlainTrainer
+from secure_dfml.protocol.losses import JointModel, mutual_learning_loss
+
+logger = logging.getLogger(__name__)
+
+RESEARCH_GRADE_LABEL = "research-grade (seeded RNG: reproducible, NOT for deployment)"
+SECURE_LABEL = "secure (noise and sampling from the OS CSPRNG; seeds refused)"
+
+
+class DPTrainer:
+    """DP-SGD in every phase that reads private data, with a per-peer ledger and hard budget gate."""
+
+    private = True
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        peers: Sequence[PeerState],
+        *,
+        ledger_dir: Path | None = None,
+        generator: torch.Generator | None = None,
+        prior_fraction: float = DEFAULT_PRIOR_FRACTION,
+    ) -> None:
+        privacy = cfg.privacy
+        self.cfg = cfg
+        self.secure_mode = bool(privacy.secure_mode)
+        if self.secure_mode and generator is not None:
+            raise PrivacyValidationError(
+                "privacy.secure_mode = true refuses seeds: noise and sampling come from the OS CSPRNG. "
+                "Pass generator=None, or set secure_mode = false for reproducible (research-grade) runs."
+            )
+        ids = [p.peer_id for p in peers]
+        if len(set(ids)) != len(ids):
+            raise PrivacyValidationError(f"peer ids must be unique, got {ids}.")
+        unknown = sorted(set(privacy.peers) - {str(i) for i in ids})
+        if unknown:
+            raise PrivacyValidationError(
+                f"privacy.peers has overrides for unknown peer id(s) {', '.join(unknown)}; "
+                f"the federation's peers are {', '.join(map(str, sorted(ids)))}."
+            )
+        resolve_grad_sample_mode(privacy.grad_sample_mode, nn.Identity())  # validates the name
+        # 1. budgets and models, before anything trains
+        self._budgets: dict[int, PeerBudget] = {
+            p.peer_id: resolve_budget(privacy, p.peer_id, p.num_train) for p in peers
+        }
+        for p in peers:
+            validate_model(p.model, name=f"peer {p.peer_id} model ({p.arch})")
+        # 2. noise multipliers
+        plans: dict[int, PeerPlan] = {}
+        cache: dict[tuple[object, ...], PeerPlan] = {}
+        for pid, b in self._budgets.items():
+            key = (b.num_train, b.epsilon, b.delta, b.max_grad_norm, b.noise_multiplier)
+            if key in cache:
+                plans[pid] = PeerPlan(**{**cache[key].to_dict(), "peer_id": pid})  # type: ignore[arg-type]
+            else:
+                plans[pid] = cache[key] = plan_peer(cfg, b, prior_fraction=prior_fraction)
+        self._plans = plans
+        # 3. ledgers (resumed if present: spent budget is never reset)
+        self._ledgers: dict[int, PrivacyLedger] = {}
+        for pid, b in self._budgets.items():
+            if ledger_dir is None:
+                led = PrivacyLedger(
+                    peer_id=pid, target_epsilon=b.epsilon, delta=b.delta, accountant=privacy.accountant
+                )
+            else:
+                led = PrivacyLedger.open(
+                    ledger_path(Path(ledger_dir), pid),
+                    peer_id=pid,
+                    target_epsilon=b.epsilon,
+                    delta=b.delta,
+                    accountant=privacy.accountant,
+                )
+                led.save()
+            self._ledgers[pid] = led
+        # 4. randomness
+        self._rng: dict[int, Randomness] = {}
+        for p in sorted(peers, key=lambda s: s.peer_id):
+            if self.secure_mode:
+                self._rng[p.peer_id] = Randomness(sampling=None, noise=None, secure=True)
+            else:
+                if generator is not None:
+                    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+                    noise = torch.Generator().manual_seed(seed)
+                else:
+                    noise = p.generator
+                self._rng[p.peer_id] = Randomness(sampling=p.generator, noise=noise, secure=False)
+        self._priors: dict[int, torch.Tensor] = {}
+        self._last_mode: dict[int, str] = {}
+        if not self.secure_mode:
+            logger.warning("differential privacy runs in %s mode", RESEARCH_GRADE_LABEL)
+        for pid, plan in plans.items():
+            logger.info(
+                "peer %d: target epsilon %s at delta %.3g, noise multiplier %s (%s), q = %.4g",
+                pid,
+                plan.target_epsilon,
+                plan.delta,
+                None if plan.noise_multiplier is None else f"{plan.noise_multiplier:.4g}",
+                plan.noise_source,
+                plan.sample_rate,
+            )
+
+    # -- labels and read-only views ---------------------------------------
+
+    @property
+    def research_grade(self) -> bool:
+        """True when randomness is seeded: reproducible, not deployment-grade."""
+        return not self.secure_mode
+
+    @property
+    def rng_label(self) -> str:
+        return SECURE_LABEL if self.secure_mode else RESEARCH_GRADE_LABEL
+
+    @property
+    def plans(self) -> Mapping[int, PeerPlan]:
+        return MappingProxyType(self._plans)
+
+    @property
+    def budgets(self) -> Mapping[int, PeerBudget]:
+        return MappingProxyType(self._budgets)
+
+    @property
+    def ledgers(self) -> Mapping[int, PrivacyLedger]:
+        return MappingProxyType(self._ledgers)
+
+    # -- gate --------------------------------------------------------------
+
+    def _admit(self, peer_id: int, *, round_index: int, phase: str, mechanism: Mechanism) -> str | None:
+        """Record ``mechanism`` for ``peer_id`` or return why it was refused."""
+        ledger = self._ledgers[peer_id]
+        try:
+            ledger.record(round_index=round_index, phase=phase, mechanism=mechanism)
+        except BudgetExceededError as exc:
+            would = float(getattr(exc, "would_spend", float("nan")))
+            ledger.refuse(round_index=round_index, phase=phase, would_spend=would)
+            reason = (
+                f"budget exhausted: peer {peer_id} has spent epsilon {ledger.spent_epsilon:.4g} of "
+                f"{ledger.target_epsilon:g} (delta {ledger.delta:.3g}); its {phase} phase "
+                f"({mechanism.steps} steps, sigma {mechanism.noise_multiplier:.4g}, q {mechanism.sample_rate:.4g}) "
+                f"would bring it to {would:.4g}"
+            )
+            logger.warning("round %d: %s; the phase is skipped and the peer keeps its model", round_index, reason)
+            return reason
+        return None
+
+    def _extra(self, peer_id: int) -> dict[str, float]:
+        led = self._ledgers[peer_id]
+        out = {"epsilon_spent": float(led.spent_epsilon), "delta": led.delta}
+        if led.target_epsilon is not None:
+            out["epsilon_target"] = led.target_epsilon
+        return out
+
+    def _mechanism(self, peer: PeerState, epochs: int) -> Mechanism | None:
+        sigma = self._plans[peer.peer_id].noise_multiplier
+        if sigma is None:
+            return None
+        q = sample_rate_for(self.cfg.dfml.batch_size, peer.num_train)
+        return Mechanism(sigma, q, epochs * steps_per_epoch(q))
+
+    # -- Trainer protocol --------------------------------------------------
+
+    def local_train(self, peer: PeerState, *, epochs: int, round_index: int) -> PhaseReport:
+        if epochs <= 0:
+            return PhaseReport(ran=False, reason="no local epochs configured")
+        mech = self._mechanism(peer, epochs)
+        if mech is None:
+            return PhaseReport(ran=False, reason="no noise multiplier planned (the expected schedule has no steps)")
+        refused = self._admit(peer.peer_id, round_index=round_index, phase="local", mechanism=mech)
+        if refused is not None:
+            return PhaseReport(ran=False, reason=refused, extra=self._extra(peer.peer_id))
+        result = run_dp_sgd(
+            peer.model,
+            x=peer.x_train,
+            y=peer.y_train,
+            loss_fn=F.cross_entropy,
+            batch_dim=0,
+            sample_rate=mech.sample_rate,
+            steps=mech.steps,
+            noise_multiplier=mech.noise_multiplier,
+            max_grad_norm=self._budgets[peer.peer_id].max_grad_norm,
+            optim_cfg=self.cfg.dfml,
+            mode=self.cfg.privacy.grad_sample_mode,
+            randomness=self._rng[peer.peer_id],
+        )
+        self._last_mode[peer.peer_id] = result.mode
+        extra = {**self._extra(peer.peer_id), "noise_multiplier": mech.noise_multiplier, "mean_batch": result.mean_batch}
+        return PhaseReport(ran=True, steps=result.steps, compute_seconds=result.compute_seconds, extra=extra)
+
+    def mutual_train(
+        self,
+        aggregator: PeerState,
+        models: Sequence[nn.Module],
+        *,
+        alpha: float,
+        temperature: float,
+        epochs: int,
+        class_prior: torch.Tensor | None,
+        round_index: int,
+    ) -> PhaseReport:
+        if epochs <= 0:
+            return PhaseReport(ran=False, reason="no mutual-learning epochs configured")
+        if not models:
+            return PhaseReport(ran=False, reason="no models to train")
+        for i, m in enumerate(models):
+            validate_model(m, name=f"mutual-learning model {i} at aggregator {aggregator.peer_id}")
+        mech = self._mechanism(aggregator, epochs)
+        if mech is None:
+            return PhaseReport(ran=False, reason="no noise multiplier planned (the expected schedule has no steps)")
+        refused = self._admit(aggregator.peer_id, round_index=round_index, phase="mutual", mechanism=mech)
+        if refused is not None:
+            return PhaseReport(ran=False, reason=refused, extra=self._extra(aggregator.peer_id))
+
+        def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return mutual_learning_loss(
+                list(out.unbind(0)), y, alpha=alpha, temperature=temperature, class_prior=class_prior
+            )
+
+        joint = JointModel(models)
+        result = run_dp_sgd(
+            joint,
+            x=aggregator.x_train,
+            y=aggregator.y_train,
+            loss_fn=loss_fn,
+            batch_dim=1,
+            sample_rate=mech.sample_rate,
+            steps=mech.steps,
+            noise_multiplier=mech.noise_multiplier,
+            max_grad_norm=self._budgets[aggregator.peer_id].max_grad_norm,
+            optim_cfg=self.cfg.dfml,
+            mode=self.cfg.privacy.grad_sample_mode,
+            randomness=self._rng[aggregator.peer_id],
+        )
+        self._last_mode[aggregator.peer_id] = result.mode
+        extra = {
+            **self._extra(aggregator.peer_id),
+            "noise_multiplier": mech.noise_multiplier,
+            "mean_batch": result.mean_batch,
+            "models": float(len(models)),
+        }
+        return PhaseReport(ran=True, steps=result.steps, compute_seconds=result.compute_seconds, extra=extra)
+
+    def class_prior(self, peer: PeerState, *, round_index: int) -> torch.Tensor:
+        k = peer.num_classes
+        uniform = torch.full((k,), 1.0 / k)
+        if self.cfg.privacy.class_prior == "uniform":
+            return uniform
+        cached = self._priors.get(peer.peer_id)
+        if cached is not None:
+            return cached.clone()
+        sigma = self._plans[peer.peer_id].prior_noise_multiplier
+        assert sigma is not None  # planned whenever class_prior == "dp"
+        mech = Mechanism(sigma, 1.0, 1)
+        refused = self._admit(peer.peer_id, round_index=round_index, phase="class_prior", mechanism=mech)
+        if refused is not None:
+            logger.warning("peer %d: using the uniform (public) class prior instead", peer.peer_id)
+            return uniform
+        counts = torch.bincount(peer.y_train, minlength=k).to(torch.float64)
+        noisy = counts + self._rng[peer.peer_id].gaussian(sigma, counts)
+        prior = noisy.clamp_min(1.0)
+        prior = (prior / prior.sum()).to(torch.float32)
+        self._priors[peer.peer_id] = prior
+        return prior.clone()
+
+    def peer_status(self, peer_id: int) -> Mapping[str, object]:
+        led = self._ledgers.get(peer_id)
+        if led is None:
+            return {}
+        plan = self._plans[peer_id]
+        status: dict[str, object] = {
+            "epsilon_spent": float(led.spent_epsilon),
+            "epsilon_target": led.target_epsilon,
+            "delta": led.delta,
+            "status": led.status,
+            "noise_multiplier": plan.noise_multiplier,
+            "mechanisms": len(led.entries),
+            "steps": led.total_steps,
+            "accountant": led.accountant,
+        }
+        if peer_id in self._last_mode:
+            status["grad_sample_mode"] = self._last_mode[peer_id]
+        return status
+
+
+def build_trainer(
+    cfg: RunConfig,
+    peers: Sequence[PeerState],
+    *,
+    ledger_dir: Path | None,
+    generator: torch.Generator | None,
+) -> Trainer:
+    """``PlainTrainer`` when ``cfg.privacy.enabled`` is false, else a :class:`DPTrainer`
+    (validated, planned and with ledgers under ``ledger_dir``) -- all before training."""
+    if not cfg.privacy.enabled:
+        return PlainTrainer(cfg.dfml)
+    return DPTrainer(cfg, peers, ledger_dir=ledger_dir, generator=generator)

@@ -1,0 +1,59 @@
+"""HTML report: self-contained, ROC figures inline, findings never claim privacy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from secure_dfml.audit import (
+    AttackResult,
+    compare_with_ledger,
+    evaluate_attack,
+    findings,
+    load_threat_model,
+    render_html_report,
+    write_html_report,
+)
+
+
+def _result(name: str, strength: float, rng: np.random.Generator, n_non: int = 600) -> AttackResult:
+    labels = np.concatenate([np.ones(400, bool), np.zeros(n_non, bool)])
+    scores = rng.normal(size=labels.size) + strength * labels
+    m = evaluate_attack(scores, labels, rng=rng, n_bootstrap=100)
+    return AttackResult(name, scores, labels, m, {"n_reference": 4})
+
+
+def test_report_is_self_contained(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    peers = {
+        "0": {"rmia_online": _result("rmia_online", 1.5, rng), "loss": _result("loss", 0.0, rng)},
+        "1": {"lira_online": _result("lira_online", 0.0, rng)},
+    }
+    checks = [compare_with_ledger(3.0, 1.0, what="peer 0 canary audit")]
+    path = write_html_report(tmp_path / "audit" / "report.html", peers,
+                             threat_model=load_threat_model("final-model"), ledger_checks=checks)
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    assert text.count("data:image/png;base64,") == 2  # one log-log ROC figure per peer
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+    assert "FAIL" in text and "class='fail'" in text
+    assert "final-model" in text
+    # the unsupported level is explained, not printed as a number
+    assert "not supported by 600 non-members" in text
+
+
+def test_findings_never_claim_privacy() -> None:
+    rng = np.random.default_rng(1)
+    res = {"p": {"loss": _result("loss", 0.0, rng, n_non=2000), "rmia_online": _result("rmia_online", 2.0, rng)}}
+    lines = findings(res)
+    joined = " ".join(lines).lower()
+    assert "detects membership better than chance" in joined
+    assert "not evidence that the model is private" in joined
+    assert "does not show that a model is private" in joined
+    for sentence in joined.replace(":", ".").split(". "):
+        if "private" in sentence or "privacy" in sentence:
+            assert "not" in sentence or "guarantees come from the dp accounting" in sentence, sentence
+    for bad in ("proves privacy", "is safe", "no leakage"):
+        assert bad not in joined
+    assert "<li>" in render_html_report(res)
