@@ -20,7 +20,8 @@ from secure_dfml.config import RunConfig, dump_toml
 from secure_dfml.data import ArrayDataset, FederatedSplit
 from secure_dfml.errors import ConfigError, RunDirectoryError
 from secure_dfml.models import build_model, resolve_architectures
-from secure_dfml.protocol._interfaces import PeerState, Trainer
+from secure_dfml.privacy import DPTrainer, build_trainer
+from secure_dfml.protocol._interfaces import PeerState
 from secure_dfml.protocol.engine import RoundEngine, link_fails
 from secure_dfml.protocol.strategies import build_strategy
 from secure_dfml.transport import InMemoryTransport
@@ -47,10 +48,14 @@ def _seeds(seed: int, n: int) -> list[int]:
     return [int(s.generate_state(1, dtype=np.uint64)[0]) for s in np.random.SeedSequence(seed).spawn(n)]
 
 
-def _build_trainer(cfg: RunConfig, peers: list[PeerState], ledger_dir: Path | None) -> Trainer:
-    from secure_dfml.privacy import build_trainer
+def load_federation_data(cfg: RunConfig) -> tuple[ArrayDataset, FederatedSplit]:
+    """The data set and per-peer split a run with ``cfg`` uses (deterministic in the seed)."""
+    from secure_dfml.data import load_dataset, split_from_config
 
-    return build_trainer(cfg, peers, ledger_dir=ledger_dir, generator=None)
+    data_seed, split_seed = _seeds(cfg.federation.seed, 2 + cfg.federation.peers)[:2]
+    dataset = load_dataset(cfg.data, rng=np.random.default_rng(data_seed))
+    split = split_from_config(dataset, cfg.data, cfg.federation.peers, np.random.default_rng(split_seed))
+    return dataset, split
 
 
 def build_federation(
@@ -59,11 +64,10 @@ def build_federation(
     """Load data, partition it, build peers and the engine.  Raises a clear
     error for any inconsistency before a single step of training."""
     from secure_dfml.crypto import build_channel, build_secure_averager
-    from secure_dfml.data import load_dataset, split_from_config
 
     f = cfg.federation
-    data_seed, split_seed, *peer_seeds = _seeds(f.seed, 2 + f.peers)
-    dataset = load_dataset(cfg.data, rng=np.random.default_rng(data_seed))
+    dataset, split = load_federation_data(cfg)
+    peer_seeds = _seeds(f.seed, 2 + f.peers)[2:]
     archs = resolve_architectures(f.peers, kind=dataset.kind, mix=cfg.models.mix, per_peer=cfg.models.per_peer)
     strategy = build_strategy(cfg)
     if strategy.needs_homogeneous and len(set(archs)) > 1:
@@ -72,7 +76,6 @@ def build_federation(
             f"but the peers use {sorted(set(archs))}; set models.mix = [\"{archs[0]}\"] or choose "
             "algorithm dfml, def-kt or local."
         )
-    split = split_from_config(dataset, cfg.data, f.peers, np.random.default_rng(split_seed))
     x_all = torch.from_numpy(np.ascontiguousarray(dataset.x_train, dtype=np.float32))
     y_all = torch.from_numpy(np.ascontiguousarray(dataset.y_train, dtype=np.int64))
 
@@ -110,7 +113,7 @@ def build_federation(
     server_model = make(0, torch.Generator().manual_seed(peer_seeds[0])) if strategy.uses_server else None
     if server_model is not None:
         server_model.load_state_dict(peers[0].model.state_dict())
-    trainer = _build_trainer(cfg, peers, ledger_dir)
+    trainer = build_trainer(cfg, peers, ledger_dir=ledger_dir, generator=None)
     endpoints = f.peers + (1 if strategy.uses_server else 0)
     channel, channel_description = build_channel(cfg.crypto, federation_id=f.id, num_peers=endpoints)
     averager = build_secure_averager(cfg.crypto)
@@ -139,7 +142,11 @@ def build_federation(
         "channel_secure": channel.secure,
         "secure_aggregation": averager.name if averager is not None else "none",
         "private": bool(getattr(trainer, "private", False)),
-        "privacy_label": getattr(trainer, "label", "NON-PRIVATE: no differential privacy"),
+        "privacy_label": (
+            f"differentially private (DP-SGD, per-peer budgets), {trainer.rng_label}"
+            if isinstance(trainer, DPTrainer)
+            else "NON-PRIVATE: no differential privacy (privacy.enabled = false)"
+        ),
     }
     if not channel.secure:
         labels["warning"] = "INSECURE: models travel in clear (crypto.channel = none)"

@@ -207,7 +207,7 @@ class PrivacyConfig:
     accountant: Literal["prv", "rdp"] = "rdp"
     secure_mode: bool = False
     class_prior: Literal["uniform", "dp"] = "uniform"
-    grad_sample_mode: Literal["auto", "hooks", "functorch", "ew", "ghost"] = "auto"
+    grad_sample_mode: Literal["auto", "bk", "hooks", "functorch", "ew", "ghost"] = "auto"
     expected_participation: float | None = None
     peers: Mapping[str, PeerPrivacyConfig] = field(default_factory=dict)
 

@@ -42,7 +42,7 @@ def digits() -> ArrayDataset:
 
 
 def test_available_datasets():
-    assert available_datasets() == sorted(["breast-cancer", "cardio", "cifar10", "digits", "fashion-mnist"])
+    assert available_datasets() == sorted(["breast-cancer", "cardio", "cifar10", "digits", "fashion-mnist", "fashion-mnist-mini"])
 
 
 def test_digits_shapes_and_normalisation(digits):
@@ -468,3 +468,13 @@ def test_real_cardio():
     _check_dataset(ds)
     assert ds.input_shape == (11,) and len(ds.y_train) == 60000 and len(ds.y_test) == 10000
     assert np.abs(ds.x_train.mean(axis=0)).max() < 0.05
+
+
+def test_bundled_fashion_mnist_mini_needs_no_files():
+    from secure_dfml.config import DataConfig
+    from secure_dfml.data import load_dataset
+
+    ds = load_dataset(DataConfig(name="fashion-mnist-mini", max_train_samples=1000))
+    assert ds.input_shape == (1, 14, 14) and ds.num_classes == 10
+    assert len(ds.y_train) == 1000 and len(ds.y_test) == 2000
+    assert abs(float(ds.x_train.mean())) < 0.1  # fixed Fashion-MNIST constants centre the data

@@ -81,7 +81,7 @@ def test_expected_participation() -> None:
     assert expected_participation(cfg2).probability == 0.8
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("accountant", ["rdp", pytest.param("prv", marks=pytest.mark.slow)])
 def test_planner_spends_target_by_last_round_of_expected_schedule(accountant: str) -> None:
     # peers = participants = 4, one group: every peer takes part every round and
     # aggregates with probability 1/4 -> 6 local phases (1 epoch) + 2 mutual phases (2 epochs).

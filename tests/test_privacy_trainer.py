@@ -21,6 +21,7 @@ from secure_dfml.config import RunConfig, config_from_dict
 from secure_dfml.privacy import (
     GRAD_SAMPLE_MODES,
     RESEARCH_GRADE_LABEL,
+    DPSGDSession,
     DPTrainer,
     IncompatibleModelError,
     LedgerError,
@@ -256,7 +257,9 @@ def test_every_grad_sample_mode_trains_and_matches_the_loop(digits: tuple[torch.
     got = clipped_sum_gradient(joint, x=x, y=y, loss_fn=loss, batch_dim=1, max_grad_norm=0.3, mode=mode)
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    trainer = DPTrainer(cfg_for(grad_sample_mode=mode), peers, ledger_dir=None, generator=torch.Generator().manual_seed(1))
+    # "bk" is reached through "auto" (the config lists Opacus' own modes)
+    cfg_mode = "auto" if mode == "bk" else mode
+    trainer = DPTrainer(cfg_for(grad_sample_mode=cfg_mode), peers, ledger_dir=None, generator=torch.Generator().manual_seed(1))
     assert trainer.local_train(peers[1], epochs=1, round_index=0).ran
     assert trainer.peer_status(1)["grad_sample_mode"] == mode
     assert_clean(peers[1].model, list(peers[1].model.state_dict()))
@@ -382,3 +385,27 @@ def test_dp_training_learns_digits(digits: tuple[torch.Tensor, torch.Tensor]) ->
     end = accuracy(p.model, p.x_local_test, p.y_local_test)
     assert trainer.ledgers[0].spent_epsilon <= 8.0
     assert end > max(0.7, start + 0.4)  # about 0.84 at epsilon 8 (chance: 0.1)
+
+
+@pytest.mark.parametrize("mode", sorted(GRAD_SAMPLE_MODES))
+def test_empty_poisson_batch_is_noise_only(digits: tuple[torch.Tensor, torch.Tensor], mode: str) -> None:
+    peers = make_peers(digits)
+    model = peers[0].model
+    before = snapshot(model)
+    with DPSGDSession(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=F.cross_entropy,
+        batch_dim=0,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=10,
+        mode=mode,
+        noise_generator=torch.Generator().manual_seed(0),
+    ) as session:
+        session.step(peers[0].x_train[:0], peers[0].y_train[:0])  # an empty Poisson sample
+        session.step(peers[0].x_train[:7], peers[0].y_train[:7])
+    after = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert changed(model, before)
+    assert_clean(model, list(before))

@@ -13,6 +13,12 @@ Typical use (engine-independent)::
 
 Attacks are pure functions over arrays (see :data:`ATTACKS`); signals are
 computed once per (model, samples) by :func:`compute_signals`.
+
+Engine integration::
+
+    audit.audit_run_dir("runs/x", threat_model="curious-aggregator", rng=np.random.default_rng(0))
+    # -> runs/x/audit/curious-aggregator/{results.json, report.html}
+    audit.run_canary_audit(cfg, canaries_per_peer=50, confidence=0.95, rng=rng, out_dir="audits/c")
 """
 
 from secure_dfml.audit._attacks import (
@@ -73,9 +79,30 @@ from secure_dfml.audit._threat_models import (
     threat_models_dir,
 )
 from secure_dfml.audit.report import findings, render_html_report, write_html_report
+from secure_dfml.audit._rundir import (
+    ATTACK_ALIASES,
+    DEFAULT_RUN_ATTACKS,
+    AuditProgress,
+    audit_run_dir,
+    default_reference_epochs,
+    rebuild_federation,
+    resolve_attacks,
+)
+from secure_dfml.audit._eavesdropper import analyse_envelopes, byte_uniformity_p_value
+from secure_dfml.audit._canary import run_canary_audit
 
 __all__ = [
     "ATTACKS",
+    "ATTACK_ALIASES",
+    "AuditProgress",
+    "DEFAULT_RUN_ATTACKS",
+    "analyse_envelopes",
+    "audit_run_dir",
+    "byte_uniformity_p_value",
+    "default_reference_epochs",
+    "rebuild_federation",
+    "resolve_attacks",
+    "run_canary_audit",
     "DEFAULT_ATTACKS",
     "DEFAULT_FPR_LEVELS",
     "DEFAULT_RMIA_OFFLINE_A",

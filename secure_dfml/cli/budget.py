@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import typer
 from rich.table import Table
 
@@ -26,11 +25,9 @@ app = typer.Typer(
 
 def peer_train_sizes(cfg: RunConfig) -> list[int]:
     """Training-set size of each peer, from the same data split a run uses."""
-    from secure_dfml.data import load_dataset, split_from_config
+    from secure_dfml._run import load_federation_data
 
-    rng = np.random.default_rng(cfg.federation.seed)
-    dataset = load_dataset(cfg.data, rng=rng)
-    split = split_from_config(dataset, cfg.data, cfg.federation.peers, rng)
+    _dataset, split = load_federation_data(cfg)
     return [int(len(p.train)) for p in split.peers]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -10,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
-from secure_dfml.config import ALGORITHMS, default_config, load_config
+from secure_dfml.config import ALGORITHMS, RunConfig, default_config, load_config
 
 
 def _pct(v: Any) -> str:
@@ -38,6 +39,13 @@ def print_summary(summary: dict[str, Any]) -> None:
     if summary.get("server_global_acc") is not None:
         console.print(f"central server model global accuracy: {_pct(summary['server_global_acc'])}%")
     console.print(f"privacy: {summary['privacy_label']}")
+    if "non_private_twin" in summary:
+        twin = summary["non_private_twin"]
+        console.print(
+            f"cost of privacy: non-private twin (same seed) reaches {_pct(twin['mean_global_acc'])}% global accuracy, "
+            f"{100 * summary['privacy_cost_global_acc']:+.1f} points above the DP federation "
+            f"({twin['seconds_per_round']:.2f} s/round without DP)"
+        )
     console.print(f"channel: {summary['channel_description']}; secure aggregation: {summary['secure_aggregation']}")
     if summary.get("warning"):
         console.print(f"[bold red]{summary['warning']}[/]")
@@ -48,6 +56,29 @@ def print_summary(summary: dict[str, Any]) -> None:
     console.print(f"run directory: [bold]{summary['run_dir']}[/]")
 
 
+def add_non_private_baseline(cfg: RunConfig, summary: dict[str, Any], on_round: Any) -> dict[str, Any]:
+    """Train the same federation (same seed, split and models) without DP inside the
+    run directory and record the accuracy cost of privacy in summary.json."""
+    from secure_dfml._run import run_federation
+
+    run_dir = Path(summary["run_dir"])
+    twin = run_federation(
+        cfg.replace(privacy={"enabled": False}), run_dir / "non-private-twin", overwrite=True, on_round=on_round
+    )
+    summary = dict(summary)
+    summary["non_private_twin"] = {
+        "run_dir": twin["run_dir"],
+        "mean_global_acc": twin["mean_global_acc"],
+        "mean_local_acc": twin["mean_local_acc"],
+        "seconds_per_round": twin["seconds_per_round"],
+    }
+    summary["privacy_cost_global_acc"] = twin["mean_global_acc"] - summary["mean_global_acc"]
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    tmp.replace(run_dir / "summary.json")
+    return summary
+
+
 @friendly_errors
 def run(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config; omit for the built-in default federation.")] = None,
@@ -55,6 +86,14 @@ def run(
     algorithm: Annotated[Optional[str], typer.Option(help=f"Override federation.algorithm: {', '.join(ALGORITHMS)}.")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Override federation.rounds.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory (only once the new run succeeds).")] = False,
+    compare_non_private: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--compare-non-private/--no-compare-non-private",
+            help="With DP on, also train the same federation without DP to show the accuracy cost of privacy "
+            "(default: on for the built-in federation, off with --config).",
+        ),
+    ] = None,
     format: Annotated[OutputFormat, typer.Option("--format", help="table or json (the summary).")] = OutputFormat.table,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log protocol events.")] = False,
 ) -> None:
@@ -88,6 +127,11 @@ def run(
             progress.update(task, advance=1, status=status)
 
         summary = run_federation(cfg, out, overwrite=overwrite, on_round=on_round)
+        if compare_non_private is None:
+            compare_non_private = config is None
+        if compare_non_private and cfg.privacy.enabled:
+            progress.update(task, completed=0, status="non-private twin (same seed) for the cost of privacy")
+            summary = add_non_private_baseline(cfg, summary, on_round)
     if format is OutputFormat.json:
         print_json(summary)
     else:

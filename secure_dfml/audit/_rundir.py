@@ -1,0 +1,972 @@
+"""Audit a run directory from the point of view of one threat model.
+
+:func:`audit_run_dir` is the engine-facing half of the audit: it reloads a
+run's config, rebuilds the (deterministic) data set and split, picks the
+models the threat model's adversary would hold, and runs the pure audit
+library (:func:`~secure_dfml.audit.audit_model`) on each of them:
+
+* ``sender_models_as_received`` (curious aggregator): ``views/received/peer_XXX``,
+  the latest model peer XXX sent as the aggregator decrypted it. Members are
+  peer XXX's train split, non-members its audit-holdout split.
+* ``returned_models`` (curious sender): ``views/returned/peer_XXX``, the model
+  returned to sender XXX after mutual learning on the *aggregator's* data; the
+  aggregator is read from ``metrics.jsonl`` (the last group that returned a
+  model to XXX). Members are the aggregator's train split.
+* ``final_and_peak`` (final-model attacker): ``models/peer_XXX_final`` and
+  ``models/peer_XXX_peak``; members are peer XXX's train split.
+* ``envelopes`` (eavesdropper): see :mod:`secure_dfml.audit._eavesdropper`.
+
+Reference models are trained by the auditor on the auditor pool only (disjoint
+from every peer's data), with the run's optimiser settings. Offline attacks
+share one set of reference models per architecture across all targets of that
+architecture; online attacks need the target's challenge points inside the
+reference models' training sets, so they cost one set per attacked peer.
+
+Results go to ``RUN_DIR/audit/<threat-model>/results.json`` and ``report.html``,
+written to a temporary folder first and renamed into place, so a failed audit
+never destroys earlier results.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from secure_dfml.audit._attacks import ATTACKS, get_attack
+from secure_dfml.audit._epsilon import (
+    LedgerComparison,
+    compare_with_ledger,
+    dp_consistency_violations,
+    epsilon_lower_bound_from_scores,
+)
+from secure_dfml.audit._reference import ReferenceModels, train_reference_models
+from secure_dfml.audit._runner import AuditResult, audit_model
+from secure_dfml.audit._threat_models import ThreatModel, load_threat_model
+from secure_dfml.audit._training import make_trainer, torch_generator
+from secure_dfml.errors import AuditError, SecureDFMLError
+
+__all__ = [
+    "ATTACK_ALIASES",
+    "AuditProgress",
+    "DEFAULT_RUN_ATTACKS",
+    "RESULTS_FORMAT",
+    "audit_run_dir",
+    "default_reference_epochs",
+    "rebuild_federation",
+    "resolve_attacks",
+]
+
+_LOG = logging.getLogger(__name__)
+
+RESULTS_FORMAT = "secure-dfml-audit"
+RESULTS_VERSION = 1
+
+#: ``progress(done, total, what)``: called after each reference model is trained.
+AuditProgress = Callable[[int, int, str], None]
+
+#: Offline-capable attacks (one set of reference models per architecture) plus
+#: the reference-free ones. Online attacks are opt-in (cost: one set per peer).
+DEFAULT_RUN_ATTACKS: tuple[str, ...] = ("loss", "population", "lira_offline", "rmia_offline")
+
+#: Short names accepted on the command line: ``lira`` / ``rmia`` mean the
+#: offline variant (shared reference models), or the online one when
+#: ``online=True`` (``--online``).
+ATTACK_ALIASES: dict[str, tuple[str, str]] = {
+    "lira": ("lira_offline", "lira_online"),
+    "rmia": ("rmia_offline", "rmia_online"),
+}
+
+_VIEW_DIRS = {"sender_models_as_received": "received", "returned_models": "returned"}
+
+
+# ----------------------------------------------------------------------------- helpers
+def resolve_attacks(names: Sequence[str] | None, *, online: bool = False) -> tuple[str, ...]:
+    """Registered attack names for ``names`` (aliases expanded, order kept, no duplicates).
+
+    ``None`` or empty gives :data:`DEFAULT_RUN_ATTACKS` (with ``lira``/``rmia``
+    switched to online when ``online``).
+    """
+    raw = list(names) if names else ["loss", "population", "lira", "rmia"]
+    out: list[str] = []
+    for n in raw:
+        n = n.strip().lower().replace("-", "_")
+        if not n:
+            continue
+        if n in ATTACK_ALIASES:
+            n = ATTACK_ALIASES[n][1 if online else 0]
+        if n not in ATTACKS:
+            allowed = sorted(set(ATTACKS) | set(ATTACK_ALIASES))
+            raise AuditError(f"unknown attack {n!r}; available: {', '.join(allowed)}")
+        if n not in out:
+            out.append(n)
+    if not out:
+        raise AuditError("no attacks requested")
+    return tuple(out)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types; non-finite floats become None (strict JSON)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_output_dir(final_dir: Path, files: Mapping[str, str | bytes], *, staging: Path | None = None) -> Path:
+    """Write ``files`` into a temporary sibling folder, then swap it in.
+
+    An existing ``final_dir`` is replaced only once every file is written; on
+    any failure the earlier results stay untouched. ``staging``: an already
+    prepared temporary folder (e.g. holding ledgers) to complete and swap in.
+    """
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging if staging is not None else staging_dir(final_dir)
+    try:
+        for name, content in files.items():
+            p = tmp / name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                p.write_bytes(content)
+            else:
+                p.write_text(content, encoding="utf-8")
+        if final_dir.exists():
+            backup = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+            if backup.exists():
+                shutil.rmtree(backup)
+            final_dir.rename(backup)
+            tmp.rename(final_dir)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            tmp.rename(final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final_dir
+
+
+def staging_dir(final_dir: Path) -> Path:
+    """A fresh, empty temporary sibling of ``final_dir`` (see :func:`write_output_dir`)."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final_dir.with_name(f".{final_dir.name}.partial-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ----------------------------------------------------------------------------- run directory
+@dataclass(frozen=True)
+class _RunDir:
+    path: Path
+    cfg: Any  # RunConfig
+    summary: Mapping[str, Any] | None
+    records: tuple[Mapping[str, Any], ...]
+
+
+def _load_run_dir(run_dir: str | Path) -> _RunDir:
+    from secure_dfml.config import load_config
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise AuditError(f"run directory {path} does not exist; pass a folder written by `secure-dfml run`.")
+    if not (path / "config.toml").is_file():
+        raise AuditError(
+            f"{path} has no config.toml, so it is not a complete run directory "
+            "(a run writes config.toml, metrics.jsonl, summary.json, models/ and views/)."
+        )
+    try:
+        cfg = load_config(path / "config.toml")
+    except SecureDFMLError as exc:
+        raise AuditError(f"{path}/config.toml cannot be loaded: {exc}") from exc
+    summary: Mapping[str, Any] | None = None
+    if (path / "summary.json").is_file():
+        try:
+            summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise AuditError(f"{path}/summary.json is unreadable: {exc}") from exc
+    records: list[Mapping[str, Any]] = []
+    if (path / "metrics.jsonl").is_file():
+        for n, line in enumerate((path / "metrics.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise AuditError(f"{path}/metrics.jsonl line {n} is not JSON: {exc}") from exc
+    return _RunDir(path, cfg, summary, tuple(records))
+
+
+def rebuild_federation(cfg: Any) -> Any:
+    """Rebuild a run's data set, split and peers (no training, no ledgers).
+
+    The seeds in ``cfg`` make this deterministic. Privacy and key files do not
+    influence the data, so they are switched off for the rebuild (no Opacus
+    set-up, no passphrase needed).
+    """
+    from secure_dfml._run import build_federation
+
+    quiet = cfg.replace(privacy={"enabled": False}, crypto={"keys_dir": None})
+    return build_federation(quiet, ledger_dir=None)
+
+
+def _check_rebuild(run: _RunDir, fed: Any) -> None:
+    if run.summary is None:
+        return
+    want = run.summary.get("train_samples_per_peer")
+    got = [int(len(p.train)) for p in fed.split.peers]
+    if want is not None and list(want) != got:
+        raise AuditError(
+            f"rebuilding the data of {run.path} gives per-peer training sizes {got}, but the run recorded {list(want)}; "
+            "the data files or the code changed since the run, so members and non-members cannot be recovered."
+        )
+    archs = run.summary.get("architectures")
+    have = [p.arch for p in fed.engine.peers]
+    if archs is not None and list(archs) != have:
+        raise AuditError(f"the run used architectures {list(archs)} but its config now gives {have}")
+
+
+@dataclass(frozen=True)
+class _LedgerInfo:
+    epsilon: float | None
+    delta: float | None
+    target: float | None
+    accountant: str | None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _ledgers(run: _RunDir, n_peers: int) -> tuple[dict[int, _LedgerInfo], list[str]]:
+    """Ledger epsilon per peer (empty when the run is not private) and notes."""
+    from secure_dfml.privacy import PrivacyLedger, ledger_path
+
+    notes: list[str] = []
+    if not run.cfg.privacy.enabled:
+        return {}, notes
+    led_dir = run.path / "ledgers"
+    if not led_dir.is_dir():
+        notes.append(f"privacy is enabled in the config but {led_dir} is missing: no ledger epsilon to compare with.")
+        return {}, notes
+    out: dict[int, _LedgerInfo] = {}
+    for i in range(n_peers):
+        p = ledger_path(led_dir, i)
+        if not p.is_file():
+            out[i] = _LedgerInfo(None, None, None, None, f"ledger file {p.name} is missing")
+            notes.append(f"peer {i}: ledger file {p} is missing; its epsilon is unknown.")
+            continue
+        try:
+            led = PrivacyLedger.load(p)
+        except SecureDFMLError as exc:
+            out[i] = _LedgerInfo(None, None, None, None, str(exc))
+            notes.append(f"peer {i}: ledger failed verification: {exc}")
+            continue
+        out[i] = _LedgerInfo(float(led.spent_epsilon), float(led.delta), led.target_epsilon, led.accountant)
+    return out, notes
+
+
+# ----------------------------------------------------------------------------- targets
+@dataclass(frozen=True)
+class _Target:
+    key: str  # label used in tables and figures
+    owner: int  # the peer whose data (members / non-members) is attacked
+    model_path: Path
+    model_kind: str  # received | returned | final | peak
+    arch: str
+    via: int | None = None  # received: the sender; returned: the recipient sender
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "target": self.key,
+            "data_owner": self.owner,
+            "model": self.model_kind,
+            "model_file": str(self.model_path),
+            "arch": self.arch,
+            "via_peer": self.via,
+        }
+
+
+def _ckks_on(cfg: Any) -> bool:
+    return cfg.crypto.secure_aggregation == "ckks"
+
+
+def _sender_history(records: Sequence[Mapping[str, Any]], n_peers: int) -> dict[int, dict[str, Any]]:
+    """Per peer: rounds as sender, rounds its model went into a CKKS sum, rounds received individually."""
+    hist: dict[int, dict[str, Any]] = {
+        i: {"sent": 0, "ckks": 0, "individual": 0, "last_returned_by": None} for i in range(n_peers)
+    }
+    for rec in records:
+        for g in rec.get("groups", []):
+            for s in g.get("senders", []):
+                if s in hist:
+                    hist[s]["sent"] += 1
+            for ss in g.get("secure_sums", []) or []:
+                for s in ss.get("contributors", []):
+                    if s in hist:
+                        hist[s]["ckks"] += 1
+            for s in g.get("received", []) or []:
+                if s in hist:
+                    hist[s]["individual"] += 1
+            for s in g.get("returned", []) or []:
+                if s in hist:
+                    hist[s]["last_returned_by"] = int(g.get("aggregator"))
+    return hist
+
+
+def _absent_reason_received(cfg: Any, h: Mapping[str, Any], peer: int) -> str:
+    if cfg.federation.algorithm == "local":
+        return "algorithm 'local' exchanges no models"
+    if h["sent"] == 0:
+        return f"peer {peer} was never selected as a sender"
+    if h["ckks"] and not h["individual"]:
+        return (
+            f"every model peer {peer} sent ({h['ckks']} time(s)) was protected by CKKS secure averaging: the "
+            "aggregator only saw encrypted sums, never this peer's individual model (the mitigation worked)"
+        )
+    return f"no model from peer {peer} reached an aggregator individually (dropped links or rejected messages)"
+
+
+def _select_targets(
+    run: _RunDir, tm: ThreatModel, fed: Any, peers: Sequence[int] | None
+) -> tuple[list[_Target], list[dict[str, Any]], str | None]:
+    """(targets, skipped entries, view-absent reason when nothing can be attacked)."""
+    cfg = run.cfg
+    archs = [p.arch for p in fed.engine.peers]
+    n = len(archs)
+    wanted = set(range(n)) if peers is None else set(peers)
+    bad = sorted(p for p in wanted if not 0 <= p < n)
+    if bad:
+        raise AuditError(f"peers {bad} do not exist; the run has peers 0..{n - 1}")
+    targets: list[_Target] = []
+    skipped: list[dict[str, Any]] = []
+    hist = _sender_history(run.records, n)
+
+    if tm.view == "final_and_peak":
+        mdir = run.path / "models"
+        if not mdir.is_dir():
+            raise AuditError(f"{run.path} has no models/ folder: the final-model view needs models/peer_XXX_final.safetensors")
+        no_peak: list[int] = []
+        for i in sorted(wanted):
+            final = mdir / f"peer_{i:03d}_final.safetensors"
+            peak = mdir / f"peer_{i:03d}_peak.safetensors"
+            if final.is_file():
+                targets.append(_Target(f"{i} final", i, final, "final", archs[i]))
+            else:
+                skipped.append({"data_owner": i, "model": "final", "reason": f"{final.name} is missing"})
+            if peak.is_file():
+                targets.append(_Target(f"{i} peak", i, peak, "peak", archs[i]))
+            else:
+                no_peak.append(i)
+        if no_peak:
+            skipped.append({"data_owner": None, "model": "peak",
+                            "reason": f"no peak snapshot for peer(s) {no_peak} (no peak round within the run's rounds)"})
+        if not targets:
+            raise AuditError(f"{mdir} holds no final models for peers {sorted(wanted)}")
+        return targets, skipped, None
+
+    if tm.view not in _VIEW_DIRS:
+        raise AuditError(f"view {tm.view!r} is not a model view")
+    vdir = run.path / "views" / _VIEW_DIRS[tm.view]
+    if tm.view == "sender_models_as_received":
+        for i in sorted(wanted):
+            f = vdir / f"peer_{i:03d}.safetensors"
+            if f.is_file():
+                t = _Target(f"{i} as received", i, f, "received", archs[i], via=i)
+                targets.append(t)
+                if _ckks_on(cfg) and hist[i]["individual"]:
+                    skipped.append({
+                        "data_owner": i, "model": "received", "reason": None,
+                        "note": (f"CKKS secure averaging is on, yet peer {i}'s individual model reached an aggregator "
+                                 f"{hist[i]['individual']} time(s) (fallback: too few contributors of its architecture "
+                                 "or no key holder outside the group)"),
+                    })
+            else:
+                skipped.append({"data_owner": i, "model": "received", "reason": _absent_reason_received(cfg, hist[i], i)})
+    else:  # returned_models
+        if not run.records:
+            raise AuditError(
+                f"{run.path}/metrics.jsonl is missing or empty: the curious-sender view needs it to know which "
+                "aggregator's data each returned model was trained on"
+            )
+        for s in range(n):
+            f = vdir / f"peer_{s:03d}.safetensors"
+            a = hist[s]["last_returned_by"]
+            if a is None:
+                if peers is None:
+                    reason = ("algorithm 'local' exchanges no models" if cfg.federation.algorithm == "local"
+                              else f"no model was ever returned to peer {s}")
+                    skipped.append({"data_owner": None, "model": "returned", "via_peer": s, "reason": reason})
+                continue
+            if a >= n:
+                if peers is None:
+                    skipped.append({"data_owner": None, "model": "returned", "via_peer": s,
+                                    "reason": f"the model returned to peer {s} came from the central server, "
+                                              "which holds no data"})
+                continue
+            if a not in wanted:
+                continue
+            if not f.is_file():
+                skipped.append({"data_owner": a, "model": "returned", "via_peer": s, "reason": f"{f.name} is missing"})
+                continue
+            targets.append(_Target(f"{a} returned to {s}", a, f, "returned", archs[s], via=s))
+    if targets:
+        return targets, skipped, None
+    if not vdir.is_dir():
+        if cfg.federation.algorithm == "local":
+            reason = "algorithm 'local' exchanges no models, so this adversary sees nothing"
+        elif tm.view == "sender_models_as_received" and _ckks_on(cfg):
+            reason = ("CKKS secure averaging protected every exchange: the aggregator only ever saw encrypted sums "
+                      "of models, never an individual sender's model. There is nothing for this adversary to attack "
+                      "-- the mitigation worked.")
+        elif not run.records and not (run.path / "views").exists():
+            raise AuditError(
+                f"{run.path} has no views/ folder and no metrics.jsonl: was it written by an older version or "
+                "an interrupted run? Re-run it with `secure-dfml run`."
+            )
+        else:
+            reason = f"the run recorded no models for this view ({vdir} is absent)"
+        return [], skipped, reason
+    return [], skipped, "no model in this view belongs to the requested peers: " + "; ".join(
+        str(s.get("reason")) for s in skipped if s.get("reason")
+    )
+
+
+def _load_model(target: _Target, dataset: Any) -> torch.nn.Module:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    from secure_dfml.models import build_model
+
+    try:
+        with safe_open(str(target.model_path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        state = load_file(str(target.model_path))
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise AuditError(f"cannot read model file {target.model_path}: {exc}") from exc
+    arch = meta.get("arch", target.arch)
+    if arch != target.arch:
+        raise AuditError(
+            f"{target.model_path} holds a {arch!r} model but the run's config gives {target.arch!r} for that peer"
+        )
+    model = build_model(arch, input_shape=dataset.input_shape, num_classes=dataset.num_classes, kind=dataset.kind,
+                        generator=torch.Generator().manual_seed(0))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise AuditError(f"{target.model_path} does not match architecture {arch!r}: {exc}") from exc
+    model.eval()
+    return model
+
+
+def default_reference_epochs(cfg: Any) -> int:
+    """Epochs for reference models: about as many passes over its data as a peer's model made.
+
+    A peer sends (local epochs) or aggregates (mutual-learning epochs) in a
+    fraction participants/peers of the rounds; clipped to [3, 30] to keep the
+    auditor's cost bounded.
+    """
+    f, d = cfg.federation, cfg.dfml
+    passes = f.rounds * (f.participants / f.peers) * max(1, d.local_epochs + d.ml_epochs)
+    return int(min(30, max(3, math.ceil(passes))))
+
+
+# ----------------------------------------------------------------------------- main entry
+def audit_run_dir(
+    run_dir: str | Path,
+    *,
+    threat_model: str,
+    attacks: Sequence[str] | None = None,
+    reference_models: int = 4,
+    rng: np.random.Generator,
+    progress: AuditProgress | None = None,
+    peers: Sequence[int] | None = None,
+    online: bool = False,
+    reference_epochs: int | None = None,
+    confidence: float = 0.95,
+    n_bootstrap: int = 1000,
+) -> dict[str, Any]:
+    """Audit ``run_dir`` as the adversary of ``threat_model`` sees it; returns the results dict.
+
+    * ``attacks``: registered names or the aliases ``lira`` / ``rmia`` (offline,
+      or online with ``online=True``); default :data:`DEFAULT_RUN_ATTACKS`
+      restricted to those the threat model lists.
+    * ``peers``: audit only these peers' data (for the curious sender: only
+      these aggregators' data).
+    * ``reference_models``: reference models per architecture (offline) or per
+      attacked peer (online).
+
+    Writes ``run_dir/audit/<threat-model>/results.json`` and ``report.html``
+    (returned dict has ``output_dir``). A view that is absent because a
+    mitigation removed it (e.g. CKKS) is reported with ``status = "view_absent"``,
+    not raised.
+    """
+    tm = load_threat_model(threat_model)
+    run = _load_run_dir(run_dir)
+    out_dir = run.path / "audit" / tm.name
+    if tm.view == "envelopes":
+        from secure_dfml.audit._eavesdropper import analyse_envelopes
+
+        results, report = analyse_envelopes(run.path, run.cfg, tm, peers=peers)
+        results["output_dir"] = str(out_dir)
+        _write(out_dir, results, report)
+        return results
+
+    if not 0.0 < confidence < 1.0:
+        raise AuditError(f"confidence must lie in (0, 1); got {confidence}")
+    names = _attacks_for(tm, attacks, online)
+    specs = [get_attack(a) for a in names]
+    need_ref = any(s.reference != "none" for s in specs)
+    need_online = any(s.online for s in specs)
+    need_pop = any(s.needs_population or s.reference != "none" for s in specs)
+    if need_ref:
+        k_min = max(s.min_reference for s in specs)
+        if reference_models < k_min:
+            raise AuditError(
+                f"attacks {', '.join(n for n, s in zip(names, specs) if s.min_reference > reference_models)} need at "
+                f"least {k_min} reference models; got --reference-models {reference_models}"
+            )
+
+    fed = rebuild_federation(run.cfg)
+    _check_rebuild(run, fed)
+    targets, skipped, absent = _select_targets(run, tm, fed, peers)
+    n_peers = len(fed.engine.peers)
+    ledgers, ledger_notes = _ledgers(run, n_peers)
+    base = _base_results(run, tm, fed, names, reference_models if need_ref else 0, need_online, out_dir)
+    base["skipped"] = skipped
+    base["confidence"] = confidence
+    base["ledgers"] = {str(i): info.to_dict() for i, info in ledgers.items()}
+    if absent is not None:
+        base["status"] = "view_absent"
+        base["view_absent_reason"] = absent
+        base["targets"] = []
+        base["peers"] = {}
+        base["fail"] = False
+        base["findings"] = [
+            f"Nothing to attack for the '{tm.name}' threat model: {absent}",
+            *ledger_notes,
+            "This is a statement about what the adversary could observe in this run; other threat models "
+            "(e.g. final-model) still apply.",
+        ]
+        _write(out_dir, base, _render_absent_html(base, tm))
+        return base
+
+    ds = fed.dataset
+    pool = np.asarray(fed.split.auditor_pool, dtype=np.int64)
+    if need_pop and pool.size < 3:
+        raise AuditError(
+            f"attacks {', '.join(names)} need the auditor pool, but this run has data.auditor_pool = {pool.size}; "
+            "re-run with an auditor pool (e.g. 1000) or use --attacks loss"
+        )
+    pop_rng, ref_rng, audit_rng, eps_rng = rng.spawn(4)
+    perm = pop_rng.permutation(pool.size)
+    n_pop = min(pool.size // 3, 2000) if need_pop else 0
+    pop_idx, rest_idx = np.sort(pool[perm[:n_pop]]), np.sort(pool[perm[n_pop:]])
+    pop_x, pop_y = ds.x_train[pop_idx], ds.y_train[pop_idx]
+    rest_x, rest_y = ds.x_train[rest_idx], ds.y_train[rest_idx]
+
+    epochs = reference_epochs if reference_epochs is not None else default_reference_epochs(run.cfg)
+    d = run.cfg.dfml
+    train_fn = make_trainer(epochs=epochs, lr=d.lr, batch_size=d.batch_size, weight_decay=d.weight_decay,
+                            optimizer="sgd")
+    base["reference"] = {
+        "epochs": epochs, "optimizer": "sgd", "lr": d.lr, "batch_size": d.batch_size,
+        "trained_on": f"auditor pool only ({rest_idx.size} samples; {n_pop} more held out as population z)",
+        "shared": "per architecture (offline attacks)" if not need_online else "per attacked peer (online attacks)",
+        "private_training": False,
+        "train_size": {},
+    }
+
+    def factory_for(arch: str) -> Callable[[np.random.Generator], torch.nn.Module]:
+        from secure_dfml.models import build_model
+
+        def make(g: np.random.Generator) -> torch.nn.Module:
+            return build_model(arch, input_shape=ds.input_shape, num_classes=ds.num_classes, kind=ds.kind,
+                               generator=torch_generator(g))
+
+        return make
+
+    def members(owner: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        ps = fed.split.peers[owner]
+        tr, ho = np.asarray(ps.train, dtype=np.int64), np.asarray(ps.holdout, dtype=np.int64)
+        return ds.x_train[tr], ds.y_train[tr], ds.x_train[ho], ds.y_train[ho]
+
+    # reference-model jobs, for one progress total
+    if need_ref:
+        jobs = sorted({(t.owner, t.arch) for t in targets if len(fed.split.peers[t.owner].holdout)}) if need_online \
+            else sorted({(-1, t.arch) for t in targets})
+    else:
+        jobs = []
+    total = len(jobs) * reference_models
+    done = 0
+    refs: dict[tuple[int, str], ReferenceModels] = {}
+
+    def train_job(owner: int, arch: str) -> ReferenceModels:
+        nonlocal done
+        start = done
+        what = f"reference models for {arch}" + (f" around peer {owner}'s data" if owner >= 0 else "")
+
+        def step(j: int, k: int) -> None:
+            if progress is not None:
+                progress(start + j, total, what)
+
+        g = ref_rng.spawn(1)[0]
+        if owner >= 0:
+            xm, ym, xn, yn = members(owner)
+            ref = train_reference_models(
+                model_factory=factory_for(arch), train_fn=train_fn, pool_x=rest_x, pool_y=rest_y,
+                k=reference_models, rng=g, challenge_x=np.concatenate([xm, xn, pop_x]),
+                challenge_y=np.concatenate([ym, yn, pop_y]), train_size=len(ym), progress=step,
+            )
+            base["reference"]["train_size"][f"{arch} around peer {owner}"] = len(ym)
+        else:
+            if rest_idx.size < 2:
+                raise AuditError("the auditor pool is too small to train reference models")
+            # as many samples as a peer of this architecture holds, but at most half the pool, so that
+            # reference models see different random subsets (RMIA's 'a' is tuned on their IN / OUT split)
+            sizes = [len(fed.split.peers[i].train) for i in range(n_peers) if fed.engine.peers[i].arch == arch]
+            size = max(1, min(int(round(float(np.mean(sizes)))), rest_idx.size // 2))
+            base["reference"]["train_size"][arch] = size
+            ref = train_reference_models(
+                model_factory=factory_for(arch), train_fn=train_fn, pool_x=rest_x, pool_y=rest_y,
+                k=reference_models, rng=g, train_size=size, progress=step,
+            )
+        done = start + reference_models
+        _LOG.info("%s: trained %d in %.1fs", what, reference_models, sum(ref.train_seconds))
+        return ref
+
+    if progress is not None and total:
+        progress(0, total, "reference models")
+    audits: dict[str, AuditResult] = {}
+    target_entries: list[dict[str, Any]] = []
+    for t in targets:
+        xm, ym, xn, yn = members(t.owner)
+        entry = t.describe()
+        entry.update({"n_members": int(len(ym)), "n_nonmembers": int(len(yn))})
+        if len(yn) == 0 or len(ym) == 0:
+            skipped.append({"data_owner": t.owner, "model": t.model_kind,
+                            "reason": f"peer {t.owner} has no audit-holdout samples (data.holdout_fraction = 0)"
+                            if len(yn) == 0 else f"peer {t.owner} has no training samples"})
+            continue
+        ref = None
+        if need_ref:
+            key = (t.owner, t.arch) if need_online else (-1, t.arch)
+            if key not in refs:
+                refs[key] = train_job(*key)
+            ref = refs[key]
+        model = _load_model(t, ds)
+        res = audit_model(
+            model, x_members=xm, y_members=ym, x_nonmembers=xn, y_nonmembers=yn, pool_x=rest_x, pool_y=rest_y,
+            rng=audit_rng.spawn(1)[0], attacks=names, reference=ref, population=(pop_x, pop_y),
+            n_bootstrap=n_bootstrap, confidence=confidence,
+        )
+        audits[t.key] = res
+        entry.update(res.to_dict())
+        entry["_owner"] = t.owner
+        target_entries.append(entry)
+
+    if not target_entries:
+        raise AuditError("no target could be audited: " + "; ".join(_skip_text(s) for s in skipped))
+
+    # empirical epsilon per data owner (Bonferroni over its targets x attacks)
+    per_owner: dict[int, list[str]] = {}
+    for e in target_entries:
+        per_owner.setdefault(e["_owner"], []).append(e["target"])
+    peers_out: dict[str, Any] = {}
+    checks: list[LedgerComparison] = []
+    extra_findings: list[str] = list(ledger_notes)
+    fail = False
+    for owner, keys in sorted(per_owner.items()):
+        tests = len(keys) * len(names)
+        per_conf = 1.0 - (1.0 - confidence) / tests
+        led = ledgers.get(owner)
+        delta = led.delta if led is not None and led.delta is not None else 0.0
+        best: dict[str, Any] | None = None
+        for e in target_entries:
+            if e["_owner"] != owner:
+                continue
+            for name in names:
+                r = audits[e["target"]].results[name]
+                try:
+                    cb = epsilon_lower_bound_from_scores(r.scores, r.labels, rng=eps_rng, delta=delta,
+                                                         confidence=per_conf)
+                    lb: dict[str, Any] = {**cb.to_dict(), "reason": None}
+                except AuditError as exc:
+                    lb = {"epsilon_lower_bound": 0.0, "reason": str(exc), "confidence": per_conf, "delta": delta}
+                e["attacks"][name]["epsilon_lower_bound"] = lb
+                if best is None or lb["epsilon_lower_bound"] > best["epsilon_lower_bound"]:
+                    best = {**lb, "target": e["target"], "attack": name}
+                if led is not None and led.epsilon is not None:
+                    for v in dp_consistency_violations(r.metrics, led.epsilon, led.delta or 0.0):
+                        extra_findings.append(f"Peer {owner}, {e['target']}, {name}: {v} (bootstrap interval; "
+                                              "indicative, not a certified violation).")
+        assert best is not None
+        entry_o: dict[str, Any] = {
+            "data_owner": owner,
+            "targets": keys,
+            "empirical_epsilon_lower_bound": best["epsilon_lower_bound"],
+            "best": {"target": best["target"], "attack": best["attack"]},
+            "confidence": confidence,
+            "tests_corrected_for": tests,
+            "delta": delta,
+        }
+        if led is not None and led.epsilon is not None:
+            cmp = compare_with_ledger(best["epsilon_lower_bound"], led.epsilon,
+                                      what=f"peer {owner} ({tm.name}, best: {best['attack']} on {best['target']})")
+            checks.append(cmp)
+            entry_o.update({"ledger_epsilon": led.epsilon, "ledger_delta": led.delta, "status": cmp.status,
+                            "message": cmp.message})
+            fail |= cmp.failed
+        elif led is not None:
+            entry_o.update({"ledger_epsilon": None, "status": "UNKNOWN",
+                            "message": f"ledger unavailable: {led.error}"})
+        else:
+            entry_o.update({"ledger_epsilon": None, "status": "NON-PRIVATE",
+                            "message": "no differential privacy: there is no epsilon claim to compare with"})
+        peers_out[str(owner)] = entry_o
+    for e in target_entries:
+        e.pop("_owner", None)
+
+    from secure_dfml.audit.report import findings as _findings
+
+    base.update({
+        "status": "audited",
+        "targets": target_entries,
+        "peers": peers_out,
+        "fail": fail,
+    })
+    notes = [_skip_text(s) for s in skipped]
+    lib = _collapse_unsupported(_findings(audits, threat_model=tm), target_entries)
+    base["findings"] = (
+        ["FAIL: " + c.message for c in checks if c.failed]
+        + extra_findings
+        + lib[:-2]
+        + [f"Not audited / note: {n}" for n in notes]
+        + ["Empirical epsilon lower bounds use Clopper-Pearson intervals on one threshold (chosen on half of the "
+           "samples, evaluated on the other half), treating audit samples as independent trials, at the stated "
+           "confidence after a Bonferroni correction over each peer's targets and attacks."]
+        + lib[-2:]  # the threat model's assumptions, then: a failed attack is not proof of privacy
+    )
+    report = _render_html(base, tm, audits, checks, skipped)
+    _write(out_dir, base, report)
+    return base
+
+
+def _collapse_unsupported(lines: Sequence[str], entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Replace the per-(target, attack, level) "TPR not reported" notes by one line."""
+    unsupported = [f for f in lines if "TPR at FPR" in f and "not reported" in f]
+    out = [f for f in lines if f and f not in unsupported]
+    if unsupported:
+        levels: set[str] = set()
+        for e in entries:
+            for a in e["attacks"].values():
+                levels.update(k for k, v in a["metrics"]["tpr_at_fpr"].items() if v["value"] is None)
+        sizes = [e["n_nonmembers"] for e in entries]
+        out.insert(
+            max(0, len(out) - 2),
+            f"TPR at FPR {', '.join(sorted(levels, key=float))} is not reported for {len(unsupported)} "
+            f"(target, attack, level) combinations: {min(sizes)}-{max(sizes)} non-members per target cannot support "
+            "such low false-positive rates (n_nonmembers x FPR >= 1 is needed); the report table gives the reasons.",
+        )
+    return out
+
+
+def _skip_text(s: Mapping[str, Any]) -> str:
+    who = "all peers" if s.get("data_owner") is None else f"peer {s['data_owner']}"
+    return f"{who} ({s.get('model')}): {s.get('reason') or s.get('note')}"
+
+
+def _attacks_for(tm: ThreatModel, attacks: Sequence[str] | None, online: bool) -> tuple[str, ...]:
+    applicable = tm.membership_attacks
+    if not applicable:
+        raise AuditError(f"threat model {tm.name!r} lists no membership-inference attacks")
+    if attacks:
+        names = resolve_attacks(attacks, online=online)
+        bad = [a for a in names if a not in applicable]
+        if bad:
+            raise AuditError(
+                f"attack(s) {', '.join(bad)} do not apply to threat model {tm.name!r}; it lists: {', '.join(applicable)}"
+            )
+        return names
+    names = tuple(a for a in resolve_attacks(None, online=online) if a in applicable)
+    if not names:
+        names = applicable
+    return names
+
+
+def _base_results(run: _RunDir, tm: ThreatModel, fed: Any, names: Sequence[str], k: int, online: bool,
+                  out_dir: Path) -> dict[str, Any]:
+    cfg = run.cfg
+    return {
+        "format": RESULTS_FORMAT,
+        "version": RESULTS_VERSION,
+        "created": _utc_now(),
+        "run_dir": str(run.path),
+        "output_dir": str(out_dir),
+        "threat_model": tm.to_dict(),
+        "attacks": list(names),
+        "reference_models": k,
+        "online": online,
+        "confidence": None,
+        "run": {
+            "federation": cfg.federation.id,
+            "algorithm": cfg.federation.algorithm,
+            "dataset": fed.dataset.name,
+            "peers": len(fed.engine.peers),
+            "architectures": [p.arch for p in fed.engine.peers],
+            "train_sizes": [int(len(p.train)) for p in fed.split.peers],
+            "holdout_sizes": [int(len(p.holdout)) for p in fed.split.peers],
+            "auditor_pool": int(len(fed.split.auditor_pool)),
+            "private": bool(cfg.privacy.enabled),
+            "channel": cfg.crypto.channel,
+            "secure_aggregation": cfg.crypto.secure_aggregation,
+            "pad_messages": cfg.crypto.pad_messages,
+        },
+    }
+
+
+def _write(out_dir: Path, results: Mapping[str, Any], report_html: str) -> None:
+    text = json.dumps(_jsonable(results), indent=2, allow_nan=False)
+    write_output_dir(out_dir, {"results.json": text + "\n", "report.html": report_html})
+    _LOG.info("wrote %s", out_dir)
+
+
+# ----------------------------------------------------------------------------- HTML
+def _css() -> str:
+    from secure_dfml.audit import report
+
+    return getattr(report, "_CSS", "")
+
+
+def html_table(head: Sequence[str], rows: Sequence[Sequence[Any]], *, fail_col: int | None = None) -> str:
+    """A plain HTML table; cells equal to FAIL in ``fail_col`` are highlighted."""
+    out = ["<table><thead><tr>", *(f"<th>{html.escape(str(h))}</th>" for h in head), "</tr></thead><tbody>"]
+    for row in rows:
+        out.append("<tr>")
+        for j, c in enumerate(row):
+            cls = " class='fail'" if fail_col == j and str(c) == "FAIL" else ""
+            out.append(f"<td{cls}>{html.escape(str(c))}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return format(x, spec) if math.isfinite(x) else str(x)
+    return str(x)
+
+
+def _epsilon_section(results: Mapping[str, Any], skipped: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for owner, e in results["peers"].items():
+        rows.append([owner, ", ".join(e["targets"]), _fmt(e["empirical_epsilon_lower_bound"]),
+                     f"{e['best']['attack']} on {e['best']['target']}",
+                     "non-private" if e["status"] == "NON-PRIVATE" else _fmt(e.get("ledger_epsilon")),
+                     e["status"]])
+    parts = [
+        "<h2>Empirical epsilon per peer</h2>",
+        "<p>For each peer whose data is attacked: the largest empirical epsilon lower bound over its targets and "
+        f"attacks (confidence {results['confidence']:.0%} after a "
+        "Bonferroni correction), next to the epsilon its privacy ledger claims. FAIL means the lower bound exceeds "
+        "the claimed upper bound: an implementation, accounting or assumption bug. A small lower bound is not "
+        "evidence of privacy.</p>",
+        html_table(["data owner", "targets", "empirical eps lower bound", "from", "ledger eps", "status"], rows,
+                   fail_col=5),
+    ]
+    if skipped:
+        parts.append("<h2>Not audited, and notes on the view</h2><ul>")
+        for s in skipped:
+            parts.append(f"<li>{html.escape(_skip_text(s))}</li>")
+        parts.append("</ul>")
+    return "\n".join(parts)
+
+
+def _render_html(results: Mapping[str, Any], tm: ThreatModel, audits: Mapping[str, AuditResult],
+                 checks: Sequence[LedgerComparison], skipped: Sequence[Mapping[str, Any]]) -> str:
+    from secure_dfml.audit.report import render_html_report
+
+    run = results["run"]
+    extra = {
+        "run directory": results["run_dir"],
+        "data set / algorithm": f"{run['dataset']} / {run['algorithm']}",
+        "architectures": ", ".join(run["architectures"]),
+        "privacy": "DP (per-peer ledgers)" if run["private"] else "NON-PRIVATE",
+        "channel / secure aggregation": f"{run['channel']} / {run['secure_aggregation']}",
+        "attacks": ", ".join(results["attacks"]),
+        "reference models": results["reference_models"],
+        "reference training": json.dumps(results.get("reference", {})),
+        "targets (label = data owner + model)": "; ".join(
+            f"{t['target']}: {t['n_members']} members / {t['n_nonmembers']} non-members" for t in results["targets"]),
+    }
+    page = render_html_report(audits, title=f"Membership-inference audit: {tm.name}", threat_model=tm,
+                              ledger_checks=checks, extra=extra)
+    section = _epsilon_section(results, skipped)
+    marker = "<h2>Results</h2>"
+    if marker in page:
+        return page.replace(marker, section + "\n" + marker, 1)
+    return page.replace("</body>", section + "</body>", 1)
+
+
+def render_simple_html(title: str, tm: ThreatModel | None, body: Sequence[str], findings: Sequence[str]) -> str:
+    """A self-contained page in the audit report's style (no figures)."""
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{_css()}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>Generated {html.escape(_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC'))}.</p>",
+    ]
+    if tm is not None:
+        parts += [
+            "<h2>Threat model</h2>",
+            f"<p><b>{html.escape(tm.name)}</b>: {html.escape(tm.description)}</p>",
+            f"<p>Attacker: {html.escape(tm.attacker)}. View: <code>{html.escape(tm.view)}</code>. "
+            f"Targets: {html.escape(tm.targets)}.</p>",
+        ]
+        for label, items in (("Assumptions", tm.assumptions), ("Mitigations", tm.mitigations)):
+            parts.append(f"<p>{label}:</p><ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>")
+    parts.append("<h2>Findings</h2><ul>")
+    for f in findings:
+        cls = " class='fail'" if f.startswith(("FAIL", "INSECURE")) else ""
+        parts.append(f"<li{cls}>{html.escape(f)}</li>")
+    parts.append("</ul>")
+    parts.extend(body)
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _render_absent_html(results: Mapping[str, Any], tm: ThreatModel) -> str:
+    rows = [[s.get("data_owner"), s.get("model"), s.get("reason") or s.get("note")] for s in results["skipped"]]
+    body = ["<h2>What this adversary observed</h2>",
+            f"<p>{html.escape(str(results['view_absent_reason']))}</p>"]
+    if rows:
+        body += ["<h2>Per peer</h2>", html_table(["peer", "model", "why no model"], rows)]
+    return render_simple_html(f"Membership-inference audit: {tm.name}", tm, body, results["findings"])

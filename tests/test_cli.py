@@ -1,0 +1,68 @@
+"""The `secure-dfml` command line."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from secure_dfml.cli.main import app
+
+runner = CliRunner()
+
+SMALL = """
+[federation]
+peers = 4
+participants = 3
+rounds = 2
+[data]
+name = "digits"
+auditor_pool = 100
+[models]
+mix = ["mlp", "cnn-small"]
+[dfml]
+ml_epochs = 1
+period = 2
+"""
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for cmd in ("run", "keys", "budget"):
+        assert cmd in result.output
+    assert runner.invoke(app, ["run", "--help"]).exit_code == 0
+
+
+def test_run_json_summary(tmp_path):
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(SMALL)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(out), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["rounds"] == 2 and summary["run_dir"] == str(out)
+    assert set(summary["peers"]) == {"0", "1", "2", "3"}
+    assert (out / "summary.json").is_file()
+
+
+def test_run_table_output(tmp_path):
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(SMALL)
+    result = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "mean" in result.output and "run directory" in result.output and "cnn-small" in result.output
+
+
+def test_bad_input_gives_a_clear_error_and_exit_code(tmp_path):
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(SMALL)
+    result = runner.invoke(app, ["run", "--config", str(cfg), "--algorithm", "gossip-avg", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert "same architecture" in result.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[dfml]\nalpha_max = 7\n")
+    result = runner.invoke(app, ["run", "--config", str(bad)])
+    assert result.exit_code == 2 and "dfml.alpha_max" in result.output
+    result = runner.invoke(app, ["run", "--config", str(tmp_path / "missing.toml")])
+    assert result.exit_code == 2 and "does not exist" in result.output
