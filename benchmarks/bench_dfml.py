@@ -34,8 +34,8 @@ MODES: dict[str, dict[str, Any]] = {
         "datasets": ["fashion-mnist", "cifar10"],
         "partitions": [("dirichlet", 0.1), ("iid", None)],
         "peers": 20, "participants": 10, "groups": 2, "rounds": 12, "eval_every": 6,
-        "max_train": {"fashion-mnist": 8000, "cifar10": 8000}, "max_test": 500,
-        "ml_epochs": 2, "hetero_mix": {d: ["cnn-small", "mlp", "cnn-wide"] for d in ("fashion-mnist", "cifar10")},
+        "max_train": {"fashion-mnist": 8000, "cifar10": 6000}, "max_test": 500,
+        "ml_epochs": 2, "hetero_mix": {"fashion-mnist": ["cnn-small", "mlp", "cnn-wide"], "cifar10": ["cnn-small", "mlp", "resnet-gn"]},
     },
     "full": {
         "datasets": ["fashion-mnist", "cifar10"],
@@ -69,10 +69,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sweep (~20 min on 2 cores)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--datasets", help="comma-separated subset of the mode's data sets")
+    ap.add_argument("--algorithms", help="comma-separated subset of algorithms")
     args = ap.parse_args()
     torch.set_num_threads(1)
     name = "quick" if args.quick else "full"
-    mode = MODES[name]
+    mode = dict(MODES[name])
+    if args.datasets:
+        mode["datasets"] = args.datasets.split(",")
+    wanted = set(args.algorithms.split(",")) if args.algorithms else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = name + ("_" + args.datasets.replace(",", "_") if args.datasets else "")
     rows: list[dict[str, Any]] = []
     runs_root = Path("/tmp") / f"secure-dfml-bench-{int(time.time())}"
     for dataset in mode["datasets"]:
@@ -81,6 +88,8 @@ def main() -> None:
                         ("homogeneous", HOMO[dataset], ALGOS_HOMO)]
             for models_label, mix, algos in settings:
                 for algorithm in algos:
+                    if wanted is not None and algorithm not in wanted:
+                        continue
                     cfg = config(mode, dataset, partition, mix, algorithm)
                     label = f"{dataset}/{partition[0]}{'' if partition[1] is None else partition[1]}/{models_label}/{algorithm}"
                     t0 = time.perf_counter()
@@ -97,13 +106,17 @@ def main() -> None:
                         "bytes_per_round": s["bytes_per_round"], "wall_seconds": time.perf_counter() - t0,
                     }
                     rows.append(row)
+                    write(args.out, suffix, name, mode, rows)
                     print(f"{label}: global {row['global_acc']:.3f} local {row['local_acc']:.3f} "
                           f"{row['seconds_per_round']:.2f}s/round overhead {row['overhead']:.2f}x", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"mode": name, "settings": {k: v for k, v in mode.items()}, "torch_threads": 1}
-    (args.out / f"dfml_{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (args.out / f"dfml_{name}.md").write_text(markdown(rows, name, mode))
     print(markdown(rows, name, mode))
+
+
+def write(out: Path, suffix: str, name: str, mode: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Rewrite the JSON and markdown after every run, so an interrupted sweep keeps its results."""
+    meta = {"mode": name, "settings": mode, "torch_threads": 1}
+    (out / f"dfml_{suffix}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / f"dfml_{suffix}.md").write_text(markdown(rows, name, mode))
 
 
 def markdown(rows: list[dict[str, Any]], name: str, mode: dict[str, Any]) -> str:

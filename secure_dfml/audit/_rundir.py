@@ -226,13 +226,13 @@ def _load_run_dir(run_dir: str | Path) -> _RunDir:
 def rebuild_federation(cfg: Any) -> Any:
     """Rebuild a run's data set, split and peers (no training, no ledgers).
 
-    The seeds in ``cfg`` make this deterministic. Privacy and key files do not
-    influence the data, so they are switched off for the rebuild (no Opacus
-    set-up, no passphrase needed).
+    The seeds in ``cfg`` make this deterministic. Privacy, key files and CKKS
+    do not influence the data, so they are switched off for the rebuild (no
+    Opacus or TenSEAL set-up, no passphrase needed).
     """
     from secure_dfml._run import build_federation
 
-    quiet = cfg.replace(privacy={"enabled": False}, crypto={"keys_dir": None})
+    quiet = cfg.replace(privacy={"enabled": False}, crypto={"keys_dir": None, "secure_aggregation": "none"})
     return build_federation(quiet, ledger_dir=None)
 
 

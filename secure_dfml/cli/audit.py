@@ -186,7 +186,7 @@ def _list_threat_models(fmt: OutputFormat) -> None:
 def audit(
     target: Annotated[Optional[str], typer.Argument(
         help="A run directory to audit, or the word 'canary' for a one-run canary audit of --config.",
-        show_default=False)] = None,
+        metavar="RUN_DIR|canary", show_default=False)] = None,
     threat_model: Annotated[Optional[str], typer.Option(
         "--threat-model", "-t", help="Threat model name (see --list-threat-models), a threat-model TOML path, or 'all'.")] = None,
     attacks: Annotated[Optional[str], typer.Option("--attacks", "-a", help=_ATTACKS_HELP)] = None,

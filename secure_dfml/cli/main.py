@@ -7,6 +7,7 @@ import os
 import typer
 
 from secure_dfml.cli import budget, keys
+from secure_dfml.cli.audit import audit
 from secure_dfml.cli.run import run
 
 app = typer.Typer(
@@ -17,6 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("run")(run)
+app.command("audit")(audit)
 app.add_typer(keys.app, name="keys", help="Create and inspect per-peer signing and box keys.")
 app.add_typer(budget.app, name="budget", help="Plan privacy budgets and inspect ledgers.")
 

@@ -959,7 +959,7 @@ def plot_tune(result: Mapping[str, Any], path: Path) -> Path:
     ax_acc.set_ylabel("accuracy")
     ax_acc.set_ylim(0, 1)
     ax_acc.set_title("accuracy vs privacy budget")
-    ax_acc.legend(fontsize=7, loc="lower right")
+    ax_acc.legend(fontsize=7, loc="best")
 
     # (b) per-peer accuracy vs each peer's own epsilon
     peer_ids = sorted({int(k) for p in done for k in p.get("peers", {})})
@@ -990,7 +990,7 @@ def plot_tune(result: Mapping[str, Any], path: Path) -> Path:
     ax_peer.set_ylabel("global accuracy")
     ax_peer.set_ylim(0, 1)
     ax_peer.set_title("per-peer accuracy vs its own epsilon (hollow: per-peer points)")
-    ax_peer.legend(fontsize=6, ncol=2, loc="lower right")
+    ax_peer.legend(fontsize=6, ncol=2, loc="best")
 
     # (c) time overhead
     bars = [(pos[p["label"]], (p.get("overhead") or {}).get("seconds_per_round"),
@@ -1009,7 +1009,7 @@ def plot_tune(result: Mapping[str, Any], path: Path) -> Path:
     ax_time.set_ylabel("time / non-private time")
     ax_time.set_ylim(bottom=0)
     ax_time.set_title("time overhead vs non-private")
-    ax_time.legend(fontsize=7, loc="lower right")
+    ax_time.legend(fontsize=7, loc="best")
 
     # (d) Pareto: accuracy vs leakage (audit) -- otherwise accuracy vs spent epsilon
     if audit:
