@@ -33,14 +33,14 @@ MODES: dict[str, dict[str, Any]] = {
     "quick": {
         "datasets": ["fashion-mnist", "cifar10"],
         "partitions": [("dirichlet", 0.1), ("iid", None)],
-        "peers": 20, "participants": 10, "groups": 2, "rounds": 12, "eval_every": 6,
+        "peers": 20, "participants": 20, "groups": 4, "rounds": 15, "eval_every": 5,
         "max_train": {"fashion-mnist": 8000, "cifar10": 6000}, "max_test": 500,
         "ml_epochs": 2, "hetero_mix": {"fashion-mnist": ["cnn-small", "mlp", "cnn-wide"], "cifar10": ["cnn-small", "mlp", "resnet-gn"]},
     },
     "full": {
         "datasets": ["fashion-mnist", "cifar10"],
         "partitions": [("dirichlet", 0.1), ("iid", None)],
-        "peers": 20, "participants": 10, "groups": 2, "rounds": 40, "eval_every": 5,
+        "peers": 20, "participants": 20, "groups": 4, "rounds": 40, "eval_every": 5,
         "max_train": {"fashion-mnist": 30000, "cifar10": 30000}, "max_test": 2000,
         "ml_epochs": 2, "hetero_mix": HETERO,
     },

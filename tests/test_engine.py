@@ -156,3 +156,19 @@ def test_dfml_beats_local_only_on_global_accuracy(tmp_path):
         plot=False,
     )
     assert dfml["mean_global_acc"] >= local["mean_global_acc"] + 0.15, (dfml["mean_global_acc"], local["mean_global_acc"])
+
+
+def test_ckks_secure_averaging_matches_plaintext_averaging(tmp_path):
+    """gossip-avg with CKKS: the aggregator never sees a sender's model, and the
+    models everyone ends with equal those of plaintext averaging."""
+    common = dict(federation={"algorithm": "gossip-avg", "rounds": 2, "participants": 5}, models={"mix": ["cnn-small"]})
+    plain = run_federation(cfg_with(**common), tmp_path / "plain", plot=False)
+    secure = run_federation(cfg_with(**common, crypto={"secure_aggregation": "ckks"}), tmp_path / "ckks", plot=False)
+    assert secure["secure_aggregation"] == "ckks" and plain["secure_aggregation"] == "none"
+    groups = [g for r in read_metrics(tmp_path / "ckks") for g in r["groups"]]
+    assert all(g["secure_sums"] and not g["received"] for g in groups)  # no individual model travelled
+    assert not (tmp_path / "ckks" / "views" / "received").exists()
+    for f in sorted((tmp_path / "plain" / "models").glob("*_final.safetensors")):
+        a, b = load_file(str(f)), load_file(str(tmp_path / "ckks" / "models" / f.name))
+        for k in a:
+            assert torch.linalg.norm(a[k] - b[k]) <= 1e-4 * max(1.0, float(torch.linalg.norm(a[k]))), (f.name, k)

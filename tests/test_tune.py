@@ -24,6 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 SMALL = {
     "federation": {"peers": 4, "participants": 4, "rounds": 2, "seed": 0},
     "data": {"name": "digits", "auditor_pool": 200},
+    "dfml": {"local_epochs": 1, "ml_epochs": 1},  # explicit: every peer spends budget in every round
     "privacy": {"enabled": True, "epsilon": 4.0},
 }
 SMALL_TOML = """
@@ -34,6 +35,9 @@ rounds = 2
 [data]
 name = "digits"
 auditor_pool = 200
+[dfml]
+local_epochs = 1
+ml_epochs = 1
 [privacy]
 enabled = true
 epsilon = 4.0
@@ -242,17 +246,20 @@ def test_markdown_is_one_table_with_every_point(tmp_path: Path, fake_runs: list[
 
 
 # ----------------------------------------------------------------------------- real sweep (digits)
-@pytest.fixture(scope="module")
-def real_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    out = tmp_path_factory.mktemp("tune") / "sweep"
+@pytest.mark.slow
+def test_real_sweep_on_digits(tmp_path: Path) -> None:
+    """One real sweep (baseline + 2 DP points, with the leakage axis), checked from several sides.
+    A single test so that pytest-xdist runs the sweep once."""
+    out = tmp_path / "sweep"
     res = tune_budgets(small_cfg(), epsilons=[8, "2/6"], out_dir=out, audit=True, audit_attacks=("loss", "rmia"),
                        reference_models=1)
-    return out, res
+    _check_files(out, res)
+    _check_baseline(res)
+    _check_budgets(out, res)
+    _check_leakage(out, res)
 
 
-@pytest.mark.slow
-def test_real_sweep_writes_json_md_png(real_sweep: tuple[Path, dict[str, Any]]) -> None:
-    out, res = real_sweep
+def _check_files(out: Path, res: dict[str, Any]) -> None:
     for name in ("tune.json", "tune.md", "tune.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     assert json.loads((out / "tune.json").read_text())["points"][0]["label"] == "inf"
@@ -263,20 +270,15 @@ def test_real_sweep_writes_json_md_png(real_sweep: tuple[Path, dict[str, Any]]) 
         assert p["overhead"]["seconds_per_round"] > 0
 
 
-@pytest.mark.slow
-def test_real_sweep_has_the_non_private_baseline(real_sweep: tuple[Path, dict[str, Any]]) -> None:
-    _out, res = real_sweep
+def _check_baseline(res: dict[str, Any]) -> None:
     base = res["points"][0]
     assert res["baseline_added"] and base["private"] is False and base["label"] == "inf"
     assert all("epsilon_spent" not in p for p in base["peers"].values())
     assert base["overhead"]["seconds_per_round"] == pytest.approx(1.0)
 
 
-@pytest.mark.slow
-def test_real_sweep_spends_within_budget_and_honours_per_peer_budgets(
-    real_sweep: tuple[Path, dict[str, Any]],
-) -> None:
-    out, res = real_sweep
+def _check_budgets(out: Path, res: dict[str, Any]) -> None:
+    """epsilon spent <= target for every DP point and peer; per-peer budgets honoured."""
     from secure_dfml.privacy import PrivacyLedger, ledger_path
 
     dp = [p for p in res["points"] if p["private"]]
@@ -296,9 +298,7 @@ def test_real_sweep_spends_within_budget_and_honours_per_peer_budgets(
     assert per_peer["2"]["noise_multiplier"] > per_peer["3"]["noise_multiplier"]
 
 
-@pytest.mark.slow
-def test_real_sweep_leakage_axis(real_sweep: tuple[Path, dict[str, Any]]) -> None:
-    out, res = real_sweep
+def _check_leakage(out: Path, res: dict[str, Any]) -> None:
     for p in res["points"]:
         lk = p["leakage"]
         assert lk["status"] == "audited", lk

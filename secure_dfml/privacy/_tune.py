@@ -912,6 +912,11 @@ def _x_positions(points: Sequence[Mapping[str, Any]]) -> tuple[dict[str, float],
     return pos, inf_x, values
 
 
+def _legend(ax: Any, **kw: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
+
 def plot_tune(result: Mapping[str, Any], path: Path) -> Path:
     """``tune.png``: see the module docstring."""
     import matplotlib
@@ -959,7 +964,7 @@ def plot_tune(result: Mapping[str, Any], path: Path) -> Path:
     ax_acc.set_ylabel("accuracy")
     ax_acc.set_ylim(0, 1)
     ax_acc.set_title("accuracy vs privacy budget")
-    ax_acc.legend(fontsize=7, loc="best")
+    _legend(ax_acc, fontsize=7, loc="best")
 
     # (b) per-peer accuracy vs each peer's own epsilon
     peer_ids = sorted({int(k) for p in done for k in p.get("peers", {})})
@@ -990,7 +995,7 @@ def plot_tune(result: Mapping[str, Any], path: Path) -> Path:
     ax_peer.set_ylabel("global accuracy")
     ax_peer.set_ylim(0, 1)
     ax_peer.set_title("per-peer accuracy vs its own epsilon (hollow: per-peer points)")
-    ax_peer.legend(fontsize=6, ncol=2, loc="best")
+    _legend(ax_peer, fontsize=6, ncol=2, loc="best")
 
     # (c) time overhead
     bars = [(pos[p["label"]], (p.get("overhead") or {}).get("seconds_per_round"),
@@ -1009,7 +1014,7 @@ def plot_tune(result: Mapping[str, Any], path: Path) -> Path:
     ax_time.set_ylabel("time / non-private time")
     ax_time.set_ylim(bottom=0)
     ax_time.set_title("time overhead vs non-private")
-    ax_time.legend(fontsize=7, loc="best")
+    _legend(ax_time, fontsize=7, loc="best")
 
     # (d) Pareto: accuracy vs leakage (audit) -- otherwise accuracy vs spent epsilon
     if audit:
@@ -1031,7 +1036,7 @@ def plot_tune(result: Mapping[str, Any], path: Path) -> Path:
         if len(front) > 1:
             ax_pareto.plot([f[0] for f in front], [f[1] for f in front], "-", color="tab:red", lw=1,
                            label="Pareto front")
-            ax_pareto.legend(fontsize=7, loc="lower right")
+            _legend(ax_pareto, fontsize=7, loc="lower right")
         ax_pareto.axvline(0.5, color="grey", lw=0.8, ls=":")
         ax_pareto.set_xlabel("strongest attack AUC (final-model threat model; 0.5 = chance)")
         ax_pareto.set_ylabel("mean global accuracy")
@@ -1046,7 +1051,7 @@ def plot_tune(result: Mapping[str, Any], path: Path) -> Path:
         base = next((p for p in done if not p["private"]), None)
         if base is not None and base.get("mean_global_acc") is not None:
             ax_pareto.axhline(base["mean_global_acc"], color="grey", ls="--", lw=1, label="non-private")
-            ax_pareto.legend(fontsize=7, loc="lower right")
+            _legend(ax_pareto, fontsize=7, loc="lower right")
         ax_pareto.set_xlabel("largest epsilon spent by a peer (ledger)")
         ax_pareto.set_ylabel("mean global accuracy")
         ax_pareto.set_title("accuracy vs spent budget (run with --audit for the leakage axis)")

@@ -19,7 +19,7 @@ from secure_dfml.crypto.codec import Schema, decode_state, encode_state, schema_
 from secure_dfml.errors import SecureDFMLError
 from secure_dfml.protocol._interfaces import Channel, PeerState, PhaseReport, SecureAverager, Trainer
 from secure_dfml.protocol.schedule import alpha_at, is_peak
-from secure_dfml.protocol.selection import Group
+from secure_dfml.protocol.selection import Group, select_key_holder
 from secure_dfml.transport import Message, Transport
 
 logger = logging.getLogger(__name__)
@@ -217,8 +217,8 @@ class RoundEngine:
         states = list(contributions.values())
         weights = [float(self.peers[s].num_train) for s in contributions]
         if own:
-            states.append(clone_state(self.model_of(aggregator)))
-            weights.append(float(self.peers[aggregator].num_train) if aggregator < self.server_id else 1.0)
+            states.append(clone_state(self.peers[aggregator].model))
+            weights.append(float(self.peers[aggregator].num_train))
         return weighted_average(states, weights)
 
     def secure_average(
@@ -231,8 +231,6 @@ class RoundEngine:
         individual exchange."""
         if self.averager is None:
             return None
-        from secure_dfml.protocol.selection import select_key_holder
-
         arrived = [s for s in senders if self.link_up(s, aggregator, kind)]
         if len(arrived) < self.averager.min_contributors():
             logger.info(
@@ -259,11 +257,11 @@ class RoundEngine:
         self.stats.extra_bytes += result.bytes_moved
         state_sum, weight_sum = result.state_sum, result.weight_sum
         if include_own:
-            w = float(self.peers[aggregator].num_train) if aggregator < self.server_id else 1.0
-            own = self.model_of(aggregator).state_dict()
+            w = float(self.peers[aggregator].num_train)
+            own = self.peers[aggregator].model.state_dict()
             state_sum = {k: state_sum[k].double() + w * own[k].double() for k in state_sum}
             weight_sum += w
-        template = self.model_of(aggregator).state_dict() if include_own else self.peers[arrived[0]].model.state_dict()
+        template = self.peers[arrived[0]].model.state_dict()  # same architecture as every contributor
         avg = {k: (state_sum[k].double() / weight_sum).to(template[k].dtype) for k in template}
         return avg, arrived
 

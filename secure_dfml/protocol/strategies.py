@@ -138,13 +138,14 @@ class DFMLStrategy(Strategy):
         self.fixed_alpha = fixed_alpha
         self.use_wsm = use_wsm
         self.average = cfg.dfml.average_same_arch
+        self.sender_epochs = cfg.dfml.local_epochs
 
     def select(self, engine: RoundEngine, round_index: int) -> Sequence[Group]:
         return hashed_groups(engine, round_index)
 
     def run_group(self, engine: RoundEngine, group: Group) -> dict[str, Any]:
         for s in group.senders:
-            engine.local_train(s, self.dfml.local_epochs)
+            engine.local_train(s, self.sender_epochs)
         entries, info = collect(engine, group, average=self.average)
         aggregator = engine.peers[group.aggregator]
         alpha = engine.stats.alpha if self.fixed_alpha is None else self.fixed_alpha
@@ -173,6 +174,7 @@ class DefKTStrategy(DFMLStrategy):
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg, fixed_alpha=0.5, use_wsm=False)
         self.average = False
+        self.sender_epochs = max(1, cfg.dfml.local_epochs)  # Def-KT teachers always train locally
 
     def select(self, engine: RoundEngine, round_index: int) -> Sequence[Group]:
         """The round's participants, paired student <- teacher."""
@@ -206,8 +208,7 @@ class GossipAvgStrategy(Strategy):
 
     def run_group(self, engine: RoundEngine, group: Group) -> dict[str, Any]:
         for p in group.members:
-            if p < engine.server_id:
-                engine.local_train(p, self.epochs)
+            engine.local_train(p, self.epochs)
         entries, info = collect(engine, group, average=True)
         info["returned"] = give_back(engine, group, entries)
         return info
