@@ -96,3 +96,12 @@ def test_architecture_errors():
         resolve_architectures(3, kind="image", per_peer=("mlp",))
     assert resolve_architectures(5, kind="image", mix=("mlp", "cnn-small")) == ["mlp", "cnn-small"] * 2 + ["mlp"]
     assert set(MODEL_REGISTRY) >= {"mlp", "cnn-small", "cnn-wide", "resnet-gn"}
+
+
+def test_built_in_default_is_private_and_encrypted():
+    from secure_dfml.config import default_config
+
+    cfg = default_config()
+    assert cfg.privacy.enabled and cfg.privacy.epsilon == 8.0 and cfg.privacy.delta == 1e-5
+    assert cfg.crypto.channel == "nacl" and not cfg.crypto.allow_insecure
+    assert cfg.federation.peers == 10 and len(set(cfg.models.mix or ("cnn-small", "mlp", "resnet-gn", "cnn-wide"))) >= 3

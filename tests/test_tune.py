@@ -225,6 +225,34 @@ def test_failed_point_keeps_the_others_and_resume_reuses_them(tmp_path: Path, fa
     assert fake_runs == ["eps-inf", "eps-2"] and not (out / "points" / "eps-1_8").exists()
 
 
+def test_resume_adds_the_leakage_axis_without_retraining(
+    tmp_path: Path, fake_runs: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    audited: list[str] = []
+
+    def fake_audit(run_dir, *, threat_model, attacks, reference_models, rng, progress=None, peers=None):
+        assert threat_model == "final-model" and reference_models == 1
+        audited.append(Path(run_dir).name)
+        est = {"value": 0.6, "ci_low": 0.55, "ci_high": 0.65, "reason": None}
+        return {"status": "audited", "output_dir": str(Path(run_dir) / "audit" / "final-model"),
+                "targets": [{"target": "0 final", "attacks": {a: {"metrics": {"auc": est, "tpr_at_fpr": {
+                    "0.001": {"value": 0.01, "ci_low": 0.0, "ci_high": 0.03, "reason": None}}}} for a in attacks}}],
+                "peers": {}}
+
+    monkeypatch.setattr(tune_mod, "_load_audit", lambda: fake_audit)
+    out = tmp_path / "s"
+    tune_budgets(small_cfg(), epsilons=[2], out_dir=out, plot=False)
+    fake_runs.clear()
+    res = tune_budgets(small_cfg(), epsilons=[2], out_dir=out, resume=True, audit=True, reference_models=1,
+                       audit_attacks=("loss", "rmia"), plot=False)
+    assert fake_runs == [] and audited == ["eps-inf", "eps-2"]
+    for p in res["points"]:
+        assert p["resumed"] and p["leakage"]["worst"]["auc"]["value"] == 0.6
+        assert p["leakage"]["tpr_at_fpr_status"] == "estimated"
+    assert res["audit"]["attacks"] == ["loss", "rmia_offline"]
+    assert "0.600 [0.550, 0.650]" in (out / "tune.md").read_text()
+
+
 def test_budget_errors_are_raised_before_anything_trains(tmp_path: Path, fake_runs: list[str]) -> None:
     cfg = small_cfg(delta=0.5)  # delta >= 1/n for every peer
     with pytest.raises(Exception, match="sweep point 2: .*delta"):

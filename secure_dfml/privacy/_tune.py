@@ -101,6 +101,8 @@ TUNE_THREAT_MODEL = "final-model"
 DEFAULT_TUNE_ATTACKS: tuple[str, ...] = ("loss", "lira", "rmia")
 #: The FPR level of the leakage axis (0.1%).
 LEAKAGE_FPR = 0.001
+#: DP runs fluctuate from round to round: results also give the mean over the last rounds.
+TAIL_ROUNDS = 5
 
 EPSILONS_SYNTAX = (
     "a comma-separated list of points, each one of: a number > 0 (one budget for all peers, e.g. 4), "
@@ -374,17 +376,27 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _phase_counts(run_dir: Path) -> dict[str, Any]:
-    """Phases run / refused by the budget gate, from the run's metrics.jsonl."""
-    counts: dict[str, Any] = {"run": 0, "refused": 0, "refused_by_phase": {}, "refused_peers": []}
+
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return counts
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _tail_accuracy(records: Sequence[Mapping[str, Any]], k: int = TAIL_ROUNDS) -> float | None:
+    """Mean global accuracy over the last ``k`` evaluated rounds: DP runs fluctuate
+    from round to round, so this is steadier than the final round alone."""
+    accs = [r["mean_global_acc"] for r in records if r.get("mean_global_acc") is not None]
+    return float(np.mean(accs[-k:])) if accs else None
+
+
+def _phase_counts(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Phases run / refused by the budget gate, from the run's metrics records."""
+    counts: dict[str, Any] = {"run": 0, "refused": 0, "refused_by_phase": {}, "refused_peers": []}
     refused_peers: set[int] = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        for ph in json.loads(line).get("phases", []):
+    for rec in records:
+        for ph in rec.get("phases", []):
             if ph.get("ran"):
                 counts["run"] += 1
             elif "budget exhausted" in str(ph.get("reason", "")):
@@ -423,6 +435,7 @@ def _point_from_summary(point: BudgetPoint, cfg: RunConfig, summary: Mapping[str
                 honoured = False
         peers[pid] = entry
     globals_ = [p["global_acc"] for p in peers.values() if p.get("global_acc") is not None]
+    records = _read_metrics(run_dir)
     out: dict[str, Any] = {
         **point.to_dict(),
         "private": point.private,
@@ -440,7 +453,8 @@ def _point_from_summary(point: BudgetPoint, cfg: RunConfig, summary: Mapping[str
         "rounds": summary.get("rounds"),
         "privacy_label": summary.get("privacy_label"),
         "peers": peers,
-        "phases": _phase_counts(run_dir),
+        "phases": _phase_counts(records),
+        f"mean_global_acc_last{TAIL_ROUNDS}": _tail_accuracy(records),
     }
     if point.private:
         spent = [p["epsilon_spent"] for p in peers.values() if p.get("epsilon_spent") is not None]
@@ -599,7 +613,7 @@ def tune_budgets(
     if any(p.private for p in points):
         _dataset, split = load_federation_data(cfg)
         sizes = [int(len(ps.train)) for ps in split.peers]
-        for p, pc in zip(points, point_cfgs):
+        for p, pc in zip(points, point_cfgs, strict=True):
             if p.private:
                 try:
                     resolve_budgets(pc, sizes)
@@ -674,7 +688,7 @@ def tune_budgets(
     save()
     total = len(points)
     try:
-        for i, (p, pc) in enumerate(zip(points, point_cfgs)):
+        for i, (p, pc) in enumerate(zip(points, point_cfgs, strict=True)):
             run_dir = out / "points" / p.slug
             label = p.label
             if progress is not None:
@@ -686,11 +700,13 @@ def tune_budgets(
                 and (run_dir / "summary.json").is_file()
                 and (run_dir / "config.toml").is_file()
                 and (run_dir / "config.toml").read_text(encoding="utf-8") == dump_toml(pc)
-                and (not audit or (reused.get("leakage") or {}).get("status") == "audited")
             ):
                 entry = dict(reused)
                 entry["resumed"] = True
                 logger.info("point %s: reusing the finished run in %s", label, run_dir)
+                if audit_fn is not None and (entry.get("leakage") or {}).get("status") != "audited":
+                    entry["leakage"] = _audit_point(audit_fn, run_dir, pc, attack_names, reference_models,
+                                                    progress, i, total, label, out)
             else:
                 t0 = time.perf_counter()
                 try:
@@ -1008,7 +1024,7 @@ def plot_tune(result: Mapping[str, Any], path: Path) -> Path:
         if comp:
             ax_time.plot([c[0] for c in comp], [c[1] for c in comp], "--s", label="compute seconds per round")
         ax_time.axhline(1.0, color="grey", lw=0.8)
-        for x, y, _c, lab in bars:
+        for x, y, _c, _label in bars:
             ax_time.annotate(f"{y:.2f}x", (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
     style_x(ax_time)
     ax_time.set_ylabel("time / non-private time")
@@ -1030,7 +1046,7 @@ def plot_tune(result: Mapping[str, Any], path: Path) -> Path:
             ax_pareto.annotate(f"eps {lab}", (auc_v, acc), textcoords="offset points", xytext=(5, 5), fontsize=8)
         # Pareto front: lower AUC and higher accuracy are better
         front = []
-        for auc_v, acc, lab, _lo, _hi in sorted(pts):
+        for auc_v, acc, _label, _lo, _hi in sorted(pts):
             if not front or acc > front[-1][1]:
                 front.append((auc_v, acc))
         if len(front) > 1:
