@@ -74,7 +74,7 @@ def test_canary_audit_non_private(tmp_path: Path) -> None:
 
 
 def test_canary_audit_dp_flags_nothing(tmp_path: Path) -> None:
-    cfg = _cfg(privacy={"enabled": True, "epsilon": 2.0})
+    cfg = _cfg(privacy={"enabled": True, "epsilon": 2.0}, dfml={"local_epochs": 1})  # every peer spends
     out = tmp_path / "canary-dp"
     res = run_canary_audit(cfg, canaries_per_peer=20, confidence=0.95, rng=np.random.default_rng(1), out_dir=out)
     _check_structure(res, out, 20, cfg)

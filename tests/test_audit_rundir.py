@@ -49,7 +49,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def dp_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("audit-dp") / "run"
-    run_federation(_cfg(privacy={"enabled": True, "epsilon": 2.0}), out, plot=False)
+    # every peer spends budget (senders train locally too)
+    run_federation(_cfg(privacy={"enabled": True, "epsilon": 2.0}, dfml={"local_epochs": 1}), out, plot=False)
     return out
 
 

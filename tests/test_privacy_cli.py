@@ -89,7 +89,8 @@ def test_show_summarises_ledgers(tmp_path: Path) -> None:
     assert peers[0]["epsilon_spent"] == pytest.approx(a.spent_epsilon)
     assert peers[1]["status"] == "exhausted at round 3"
     table = runner.invoke(budget_cli.app, ["show", str(tmp_path / "run")], env={"COLUMNS": "160"})
-    assert table.exit_code == 0 and "exhausted at round 3" in table.stdout
+    # the rich table may wrap cells at the console's width: compare without layout
+    assert table.exit_code == 0 and "exhausted at" in table.stdout and "round 3" in table.stdout
 
 
 def test_show_without_ledgers_fails_clearly(tmp_path: Path) -> None:
