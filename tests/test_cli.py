@@ -29,7 +29,7 @@ period = 2
 def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for cmd in ("run", "keys", "budget"):
+    for cmd in ("run", "keys", "budget", "audit", "tune"):
         assert cmd in result.output
     assert runner.invoke(app, ["run", "--help"]).exit_code == 0
 

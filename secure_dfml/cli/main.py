@@ -9,6 +9,7 @@ import typer
 from secure_dfml.cli import budget, keys
 from secure_dfml.cli.audit import audit
 from secure_dfml.cli.run import run
+from secure_dfml.cli.tune import tune
 
 app = typer.Typer(
     name="secure-dfml",
@@ -19,6 +20,7 @@ app = typer.Typer(
 )
 app.command("run")(run)
 app.command("audit")(audit)
+app.command("tune")(tune)
 app.add_typer(keys.app, name="keys", help="Create and inspect per-peer signing and box keys.")
 app.add_typer(budget.app, name="budget", help="Plan privacy budgets and inspect ledgers.")
 
