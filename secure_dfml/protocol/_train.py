@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,23 +39,31 @@ class PlainTrainer:
         self.cfg = cfg
         self.use_wsm = use_wsm
 
-    def local_train(self, peer: PeerState, *, epochs: int, round_index: int) -> PhaseReport:
-        if epochs <= 0:
-            return PhaseReport(ran=False, reason="no local epochs configured")
-        model = peer.model
-        model.train()
-        opt = make_optimizer(model.parameters(), self.cfg)
+    def _sgd(
+        self,
+        module: nn.Module,
+        peer: PeerState,
+        epochs: int,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> PhaseReport:
+        """``epochs`` of shuffled mini-batch SGD of ``module`` on ``peer``'s training data."""
+        module.train()
+        opt = make_optimizer(module.parameters(), self.cfg)
         steps, compute = 0, 0.0
         for _ in range(epochs):
             for idx in shuffled_batches(peer.num_train, self.cfg.batch_size, peer.generator):
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(peer.x_train[idx]), peer.y_train[idx])
-                loss.backward()
+                loss_fn(module(peer.x_train[idx]), peer.y_train[idx]).backward()
                 opt.step()
                 compute += time.perf_counter() - t0
                 steps += 1
         return PhaseReport(ran=True, steps=steps, compute_seconds=compute)
+
+    def local_train(self, peer: PeerState, *, epochs: int, round_index: int) -> PhaseReport:
+        if epochs <= 0:
+            return PhaseReport(ran=False, reason="no local epochs configured")
+        return self._sgd(peer.model, peer, epochs, F.cross_entropy)
 
     def mutual_train(
         self,
@@ -70,27 +78,13 @@ class PlainTrainer:
     ) -> PhaseReport:
         if epochs <= 0:
             return PhaseReport(ran=False, reason="no mutual-learning epochs configured")
-        joint = JointModel(models)
-        joint.train()
-        opt = make_optimizer(joint.parameters(), self.cfg)
-        steps, compute = 0, 0.0
-        for _ in range(epochs):
-            for idx in shuffled_batches(aggregator.num_train, self.cfg.batch_size, aggregator.generator):
-                t0 = time.perf_counter()
-                opt.zero_grad(set_to_none=True)
-                logits = joint(aggregator.x_train[idx])
-                loss = mutual_learning_loss(
-                    list(logits.unbind(0)),
-                    aggregator.y_train[idx],
-                    alpha=alpha,
-                    temperature=temperature,
-                    class_prior=class_prior,
-                )
-                loss.backward()
-                opt.step()
-                compute += time.perf_counter() - t0
-                steps += 1
-        return PhaseReport(ran=True, steps=steps, compute_seconds=compute)
+
+        def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return mutual_learning_loss(
+                list(logits.unbind(0)), y, alpha=alpha, temperature=temperature, class_prior=class_prior
+            )
+
+        return self._sgd(JointModel(models), aggregator, epochs, loss_fn)
 
     def class_prior(self, peer: PeerState, *, round_index: int) -> torch.Tensor:
         if not self.use_wsm:
