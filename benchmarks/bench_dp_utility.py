@@ -99,7 +99,8 @@ def _per_arch(point: dict[str, Any]) -> dict[str, float]:
     return {a: float(np.mean(v)) for a, v in sorted(by.items())}
 
 
-def run_sweeps(mode: dict[str, Any], settings: list[str], runs_root: Path, rounds: int | None) -> list[dict[str, Any]]:
+def run_sweeps(mode: dict[str, Any], settings: list[str], runs_root: Path, rounds: int | None,
+               configs: dict[str, Any]) -> list[dict[str, Any]]:
     from secure_dfml.privacy import tune_budgets
 
     rows: list[dict[str, Any]] = []
@@ -116,6 +117,7 @@ def run_sweeps(mode: dict[str, Any], settings: list[str], runs_root: Path, round
                           f"{p.get('mean_global_acc')}", file=sys.stderr, flush=True)
 
             res = tune_budgets(cfg, epsilons=EPSILONS, out_dir=out, progress=progress, overwrite=True)
+            configs[f"{dataset}/{s}"] = res["config"]
             base = next(p for p in res["points"] if not p["private"])
             for p in res["points"]:
                 rows.append({
@@ -157,6 +159,19 @@ def _pct(v: Any) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def _describe_federation(data: dict[str, Any]) -> str:
+    cfg = next(iter(data.get("configs", {}).values()), None)
+    if not cfg:
+        return "see dp_utility.json"
+    f, d, m = cfg["federation"], cfg["dfml"], cfg["models"]
+    return (f"{f['peers']} peers, {f['participants']} participants per round in {f['groups']} group(s), "
+            f"{f['rounds']} rounds, {cfg['data']['partition']}({cfg['data']['dirichlet_alpha']}) split, "
+            f"{'default heterogeneous mix' if not m['mix'] else 'mix ' + '/'.join(m['mix'])} "
+            "(cnn-small / mlp / resnet-gn / cnn-wide), "
+            f"ml_epochs {d['ml_epochs']}, local_epochs {d['local_epochs']}, batch {d['batch_size']}, "
+            f"C = {cfg['privacy']['max_grad_norm']}")
+
+
 def render_md(data: dict[str, Any]) -> str:
     rows = data["rows"]
     lines = [
@@ -165,9 +180,9 @@ def render_md(data: dict[str, Any]) -> str:
         f"Command: `{data['command']}`  ",
         f"Machine: {data['env']['machine']}, torch {data['env']['torch']} ({data['env']['threads']} thread), "
         f"Opacus {data['env']['opacus']}; load average {data['env']['load_average']} at start (shared CPU).  ",
-        "Federation: the built-in default (10 peers, 5 participants per round, 20 rounds, Dirichlet(0.5) split, "
-        "default heterogeneous mix cnn-small / mlp / resnet-gn / cnn-wide), one `secure-dfml tune` sweep per "
-        "data set and settings; final-round mean global accuracy over peers.",
+        f"Federation: the built-in default ({_describe_federation(data)}), "
+        "one `secure-dfml tune` sweep per data set and settings; accuracy = mean global accuracy over peers "
+        "(final round, and the mean of the last 5 rounds: DP runs swing from round to round).",
         "",
         "Settings: " + "; ".join(f"**{k}** = {json.dumps(v) if v else 'library defaults'}"
                                  for k, v in SETTINGS.items() if k in {r['settings'] for r in rows}),
@@ -371,7 +386,8 @@ def main() -> None:
     runs_root = args.runs or Path(tempfile.mkdtemp(prefix="secure-dfml-dp-utility-"))
     env = _env()
     t0 = time.perf_counter()
-    rows = run_sweeps(mode, settings, runs_root, args.rounds)
+    configs: dict[str, Any] = {}
+    rows = run_sweeps(mode, settings, runs_root, args.rounds, configs)
     target_rows = []
     for key in sorted({(r["dataset"], r["settings"]) for r in rows}):
         eight = next((r for r in rows if (r["dataset"], r["settings"]) == key and r["epsilon"] == "8"), None)
@@ -384,6 +400,7 @@ def main() -> None:
         "command": "python benchmarks/bench_dp_utility.py " + " ".join(sys.argv[1:]),
         "env": env,
         "settings": {s: SETTINGS[s] for s in settings},
+        "configs": configs,
         "epsilons": ["inf" if math.isinf(e) else e for e in EPSILONS],
         "rows": rows,
         "target": {"epsilon": 8, "max_gap_points": 5.0},
