@@ -110,9 +110,8 @@ def build_federation(
             )
         )
     template_gen = torch.Generator().manual_seed(0)
+    # the central server starts from peer 0's initial weights (same generator seed)
     server_model = make(0, torch.Generator().manual_seed(peer_seeds[0])) if strategy.uses_server else None
-    if server_model is not None:
-        server_model.load_state_dict(peers[0].model.state_dict())
     trainer = build_trainer(cfg, peers, ledger_dir=ledger_dir, generator=None)
     endpoints = f.peers + (1 if strategy.uses_server else 0)
     channel, channel_description = build_channel(cfg.crypto, federation_id=f.id, num_peers=endpoints)
@@ -141,7 +140,7 @@ def build_federation(
         "channel_description": channel_description,
         "channel_secure": channel.secure,
         "secure_aggregation": averager.name if averager is not None else "none",
-        "private": bool(getattr(trainer, "private", False)),
+        "private": isinstance(trainer, DPTrainer),
         "privacy_label": (
             f"differentially private (DP-SGD, per-peer budgets), {trainer.rng_label}"
             if isinstance(trainer, DPTrainer)
