@@ -35,7 +35,7 @@ Class prior for WSM (``privacy.class_prior``):
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
@@ -211,21 +211,32 @@ class DPTrainer:
 
     # -- Trainer protocol --------------------------------------------------
 
-    def local_train(self, peer: PeerState, *, epochs: int, round_index: int) -> PhaseReport:
-        if epochs <= 0:
-            return PhaseReport(ran=False, reason="no local epochs configured")
+    def _phase(
+        self,
+        peer: PeerState,
+        module: nn.Module,
+        *,
+        phase: str,
+        epochs: int,
+        round_index: int,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        batch_dim: int,
+        extra: Mapping[str, float] | None = None,
+    ) -> PhaseReport:
+        """One DP-SGD phase on ``peer``'s data: plan the mechanism, pass the budget
+        gate (recorded in the ledger before training), then train."""
         mech = self._mechanism(peer, epochs)
         if mech is None:
             return PhaseReport(ran=False, reason="no noise multiplier planned (the expected schedule has no steps)")
-        refused = self._admit(peer.peer_id, round_index=round_index, phase="local", mechanism=mech)
+        refused = self._admit(peer.peer_id, round_index=round_index, phase=phase, mechanism=mech)
         if refused is not None:
             return PhaseReport(ran=False, reason=refused, extra=self._extra(peer.peer_id))
         result = run_dp_sgd(
-            peer.model,
+            module,
             x=peer.x_train,
             y=peer.y_train,
-            loss_fn=F.cross_entropy,
-            batch_dim=0,
+            loss_fn=loss_fn,
+            batch_dim=batch_dim,
             sample_rate=mech.sample_rate,
             steps=mech.steps,
             noise_multiplier=mech.noise_multiplier,
@@ -235,8 +246,21 @@ class DPTrainer:
             randomness=self._rng[peer.peer_id],
         )
         self._last_mode[peer.peer_id] = result.mode
-        extra = {**self._extra(peer.peer_id), "noise_multiplier": mech.noise_multiplier, "mean_batch": result.mean_batch}
-        return PhaseReport(ran=True, steps=result.steps, compute_seconds=result.compute_seconds, extra=extra)
+        report_extra = {
+            **self._extra(peer.peer_id),
+            "noise_multiplier": mech.noise_multiplier,
+            "mean_batch": result.mean_batch,
+            **(extra or {}),
+        }
+        return PhaseReport(ran=True, steps=result.steps, compute_seconds=result.compute_seconds, extra=report_extra)
+
+    def local_train(self, peer: PeerState, *, epochs: int, round_index: int) -> PhaseReport:
+        if epochs <= 0:
+            return PhaseReport(ran=False, reason="no local epochs configured")
+        return self._phase(
+            peer, peer.model, phase="local", epochs=epochs, round_index=round_index,
+            loss_fn=F.cross_entropy, batch_dim=0,
+        )
 
     def mutual_train(
         self,
@@ -255,41 +279,18 @@ class DPTrainer:
             return PhaseReport(ran=False, reason="no models to train")
         for i, m in enumerate(models):
             validate_model(m, name=f"mutual-learning model {i} at aggregator {aggregator.peer_id}")
-        mech = self._mechanism(aggregator, epochs)
-        if mech is None:
-            return PhaseReport(ran=False, reason="no noise multiplier planned (the expected schedule has no steps)")
-        refused = self._admit(aggregator.peer_id, round_index=round_index, phase="mutual", mechanism=mech)
-        if refused is not None:
-            return PhaseReport(ran=False, reason=refused, extra=self._extra(aggregator.peer_id))
 
         def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return mutual_learning_loss(
                 list(out.unbind(0)), y, alpha=alpha, temperature=temperature, class_prior=class_prior
             )
 
-        joint = JointModel(models)
-        result = run_dp_sgd(
-            joint,
-            x=aggregator.x_train,
-            y=aggregator.y_train,
-            loss_fn=loss_fn,
-            batch_dim=1,
-            sample_rate=mech.sample_rate,
-            steps=mech.steps,
-            noise_multiplier=mech.noise_multiplier,
-            max_grad_norm=self._budgets[aggregator.peer_id].max_grad_norm,
-            optim_cfg=self.cfg.dfml,
-            mode=self.cfg.privacy.grad_sample_mode,
-            randomness=self._rng[aggregator.peer_id],
+        # all models of the group as ONE module: the joint per-sample gradient is clipped
+        # and noised once per step (one subsampled Gaussian mechanism on the aggregator's data)
+        return self._phase(
+            aggregator, JointModel(models), phase="mutual", epochs=epochs, round_index=round_index,
+            loss_fn=loss_fn, batch_dim=1, extra={"models": float(len(models))},
         )
-        self._last_mode[aggregator.peer_id] = result.mode
-        extra = {
-            **self._extra(aggregator.peer_id),
-            "noise_multiplier": mech.noise_multiplier,
-            "mean_batch": result.mean_batch,
-            "models": float(len(models)),
-        }
-        return PhaseReport(ran=True, steps=result.steps, compute_seconds=result.compute_seconds, extra=extra)
 
     def class_prior(self, peer: PeerState, *, round_index: int) -> torch.Tensor:
         k = peer.num_classes
