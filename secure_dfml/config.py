@@ -212,6 +212,8 @@ class PrivacyConfig:
     secure_mode: bool = False
     class_prior: Literal["uniform", "dp"] = "uniform"
     grad_sample_mode: Literal["auto", "bk", "hooks", "functorch", "ew", "ghost"] = "auto"
+    clipping: Literal["per-model", "joint"] = "per-model"
+    plan_on: Literal["schedule", "expected"] = "schedule"
     expected_participation: float | None = None
     peers: Mapping[str, PeerPrivacyConfig] = field(default_factory=dict)
 
@@ -222,6 +224,12 @@ class PrivacyConfig:
             f"{path}.expected_participation",
             self.expected_participation,
             "a fraction in (0, 1]",
+        )
+        _require(
+            self.clipping == "joint" or self.grad_sample_mode in ("auto", "bk"),
+            f"{path}.clipping",
+            self.clipping,
+            f'"joint" with grad_sample_mode = "{self.grad_sample_mode}" (per-model clipping needs "auto" or "bk")',
         )
         for key, peer in self.peers.items():
             _require(key.isdigit(), f"{path}.peers", key, "peer ids as integers, e.g. [privacy.peers.3]")

@@ -31,6 +31,8 @@ def test_default_config_round_trips_through_toml():
         ({"crypto": {"channel": "none"}}, "allow_insecure"),
         ({"privacy": {"epsilon": -1}}, "privacy.epsilon"),
         ({"privacy": {"peers": {"x": {"epsilon": 1.0}}}}, "peer ids as integers"),
+        ({"privacy": {"grad_sample_mode": "hooks"}}, "privacy.clipping = 'per-model' is invalid: expected \"joint\""),
+        ({"privacy": {"plan_on": "luck"}}, "'schedule', 'expected'"),
         ({"surprise": {}}, "unknown key(s) 'surprise'"),
     ],
 )

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+from secure_dfml._run import run_federation
 from secure_dfml.config import PeerPrivacyConfig, PrivacyConfig, RunConfig, config_from_dict
 from secure_dfml.privacy import (
     Mechanism,
@@ -15,6 +19,7 @@ from secure_dfml.privacy import (
     plan_budgets,
     resolve_budget,
 )
+from secure_dfml.protocol.strategies import public_schedule
 
 
 def run_cfg(**privacy: object) -> RunConfig:
@@ -85,7 +90,7 @@ def test_expected_participation() -> None:
 def test_planner_spends_target_by_last_round_of_expected_schedule(accountant: str) -> None:
     # peers = participants = 4, one group: every peer takes part every round and
     # aggregates with probability 1/4 -> 6 local phases (1 epoch) + 2 mutual phases (2 epochs).
-    cfg = run_cfg(epsilon=3.0, accountant=accountant)
+    cfg = run_cfg(epsilon=3.0, accountant=accountant, plan_on="expected")
     sizes = [320, 400, 640, 1000]
     plans = plan_budgets(cfg, sizes)
     for plan, n in zip(plans, sizes, strict=True):
@@ -133,3 +138,53 @@ def test_no_training_steps_means_no_noise() -> None:
     cfg = run_cfg().replace(dfml={"local_epochs": 0, "ml_epochs": 0})
     plan = plan_budgets(cfg, [400])[0]
     assert plan.noise_multiplier is None and plan.planned_epsilon == 0.0
+
+
+def test_schedule_plan_counts_each_peers_public_phases() -> None:
+    cfg = config_from_dict(
+        {
+            "federation": {"peers": 7, "participants": 4, "groups": 2, "rounds": 9},
+            "dfml": {"batch_size": 32, "local_epochs": 1, "ml_epochs": 2},
+            "privacy": {"enabled": True, "epsilon": 4.0},
+        }
+    )
+    sizes = [400] * 7
+    plans = plan_budgets(cfg, sizes)
+    schedule = public_schedule(cfg, 7)
+    assert schedule == public_schedule(cfg, 7)  # a pure function of public values
+    for plan in plans:
+        mine = [(ph, ep) for rnd in schedule for (peer, ph, ep) in rnd if peer == plan.peer_id]
+        assert plan.plan_on == "schedule"
+        assert plan.expected_local_phases == sum(ph == "local" for ph, _ in mine)
+        assert plan.expected_mutual_phases == sum(ph == "mutual" for ph, _ in mine)
+        assert plan.expected_steps == sum(ep for _, ep in mine) * plan.steps_per_epoch
+        if mine:
+            assert plan.noise_source == "planned" and plan.planned_epsilon == pytest.approx(4.0, rel=0.02)
+        else:
+            assert plan.noise_source == "none"
+    # peers that read their data more often need more noise per step
+    by_steps = sorted((p.expected_steps, p.noise_multiplier) for p in plans if p.noise_multiplier is not None)
+    assert all(a[1] <= b[1] + 1e-9 for a, b in zip(by_steps, by_steps[1:], strict=False))
+    assert len({p.expected_steps for p in plans}) > 1  # the schedule is not uniform: this is what it buys
+
+
+def test_schedule_plan_spends_each_budget_without_refusals_in_a_run(tmp_path: Path) -> None:
+    cfg = config_from_dict(
+        {
+            "federation": {"peers": 5, "participants": 4, "groups": 2, "rounds": 5},
+            "data": {"name": "digits", "auditor_pool": 100},
+            "models": {"mix": ["mlp", "cnn-small"]},
+            "dfml": {"ml_epochs": 1, "local_epochs": 1, "batch_size": 64},
+            "privacy": {"enabled": True, "epsilon": 2.0},
+        }
+    )
+    summary = run_federation(cfg, tmp_path / "run", plot=False)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    phases = [ph for r in records for ph in r["phases"]]
+    assert phases and all(ph["ran"] for ph in phases)  # nobody hits the gate
+    readers = {ph["peer"] for ph in phases}
+    for pid, entry in summary["peers"].items():
+        if int(pid) in readers:
+            assert 2.0 * 0.98 <= entry["epsilon_spent"] <= 2.0  # spent exactly by its last phase
+        else:
+            assert entry["epsilon_spent"] == 0.0

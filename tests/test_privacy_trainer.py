@@ -219,8 +219,8 @@ def test_repeated_phases_leave_no_wrappers_or_hooks(
     wrappers: list[weakref.ref[AbstractGradSampleModule]] = []
     real_init = dpsgd_mod._Strategy.__init__
 
-    def tracking_init(self: dpsgd_mod._Strategy, module: nn.Module, *, max_grad_norm: float) -> None:
-        real_init(self, module, max_grad_norm=max_grad_norm)
+    def tracking_init(self: dpsgd_mod._Strategy, module: nn.Module, **kw: object) -> None:
+        real_init(self, module, **kw)  # type: ignore[arg-type]
         wrappers.append(weakref.ref(self.wrapped))
 
     monkeypatch.setattr(dpsgd_mod._Strategy, "__init__", tracking_init)
@@ -259,10 +259,41 @@ def test_every_grad_sample_mode_trains_and_matches_the_loop(digits: tuple[torch.
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # "bk" is reached through "auto" (the config lists Opacus' own modes)
     cfg_mode = "auto" if mode == "bk" else mode
-    trainer = DPTrainer(cfg_for(grad_sample_mode=cfg_mode), peers, ledger_dir=None, generator=torch.Generator().manual_seed(1))
+    clipping = "per-model" if mode == "bk" else "joint"  # per-model clipping is a "bk" feature
+    trainer = DPTrainer(cfg_for(grad_sample_mode=cfg_mode, clipping=clipping), peers, ledger_dir=None, generator=torch.Generator().manual_seed(1))
     assert trainer.local_train(peers[1], epochs=1, round_index=0).ran
     assert trainer.peer_status(1)["grad_sample_mode"] == mode
     assert_clean(peers[1].model, list(peers[1].model.state_dict()))
+
+
+def test_per_model_clipping_matches_the_loop_and_bounds_each_model(digits: tuple[torch.Tensor, torch.Tensor]) -> None:
+    peers = make_peers(digits)
+    x, y = peers[0].x_train[:8], peers[0].y_train[:8]
+    joint = JointModel([peers[0].model, peers[1].model, peers[2].model])
+    groups = [list(m.parameters()) for m in joint.members]
+
+    def loss(out: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+        return mutual_learning_loss(list(out.unbind(0)), yy, alpha=0.5, temperature=2.0, class_prior=None)
+
+    kw = dict(x=x, y=y, loss_fn=loss, batch_dim=1, max_grad_norm=0.3)
+    ref = reference_clipped_sum(joint, clip_groups=groups, **kw)
+    got = clipped_sum_gradient(joint, mode="bk", clip_groups=groups, **kw)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # one sample: each model's clipped gradient has norm <= C/sqrt(3), the joint one <= C
+    one = clipped_sum_gradient(joint, mode="bk", clip_groups=groups, **{**kw, "x": x[:1], "y": y[:1]})
+    sizes = [len(g) for g in groups]
+    chunks, start = [], 0
+    for n in sizes:
+        chunks.append(one[start : start + n])
+        start += n
+    norms = [float(torch.sqrt(sum((t.double() ** 2).sum() for t in c))) for c in chunks]
+    assert all(nm <= 0.3 / 3**0.5 + 1e-6 for nm in norms)
+    assert sum(nm**2 for nm in norms) ** 0.5 <= 0.3 + 1e-6
+    with pytest.raises(PrivacyValidationError, match="per-model clipping"):
+        clipped_sum_gradient(joint, mode="hooks", clip_groups=groups, **kw)
+    with pytest.raises(PrivacyValidationError, match="cover every trainable parameter"):
+        clipped_sum_gradient(joint, mode="bk", clip_groups=groups[:2], **kw)
 
 
 def test_dp_class_prior_is_charged_once(digits: tuple[torch.Tensor, torch.Tensor]) -> None:

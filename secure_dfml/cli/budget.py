@@ -46,8 +46,9 @@ def plan(
     format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress."),
 ) -> None:
-    """Per peer: the noise multiplier that spends its target epsilon by the last
-    round of its expected participation, and the expected epsilon per round."""
+    """Per peer: the noise multiplier that spends its target epsilon by its last
+    phase on the public schedule (privacy.plan_on = "schedule", the default; or
+    its expected participation with "expected"), and the epsilon per round."""
     setup_logging(verbose)
     cfg = load_config(config)
     sizes = peer_train_sizes(cfg)
@@ -78,8 +79,10 @@ def _plan_table(cfg: RunConfig, plans: list[PeerPlan]) -> Table:
         f"Budget plan: {cfg.federation.rounds} rounds, {cfg.privacy.accountant.upper()} accountant, "
         f"batch {cfg.dfml.batch_size}"
     )
-    if first is not None:
+    if first is not None and first.plan_on == "expected":
         title += f", participation {first.participation:.2f}/round, aggregator share {first.aggregator_share:.2f}"
+    elif first is not None:
+        title += ", phases from the public schedule"
     table = Table(title=title)
     for col in (
         "peer",
@@ -87,7 +90,8 @@ def _plan_table(cfg: RunConfig, plans: list[PeerPlan]) -> Table:
         "target eps",
         "delta",
         "q",
-        "exp. steps",
+        "phases local/mutual",
+        "steps",
         "noise mult.",
         "eps round 1",
         "eps / round",
@@ -102,6 +106,7 @@ def _plan_table(cfg: RunConfig, plans: list[PeerPlan]) -> Table:
             _fmt(p.target_epsilon),
             _fmt(p.delta, ".2g"),
             _fmt(p.sample_rate, ".3g"),
+            f"{p.expected_local_phases:g}/{p.expected_mutual_phases:g}",
             str(p.expected_steps),
             sigma,
             _fmt(p.epsilon_first_round),

@@ -125,6 +125,16 @@ def _cnn_small(shape: tuple[int, ...], k: int) -> nn.Module:
     return SmallCNN(shape[0], k, (16, 32))
 
 
+@register("mlp-small", "image", "1-hidden-layer MLP (64) on flattened pixels: few parameters, DP-friendly")
+def _mlp_small(shape: tuple[int, ...], k: int) -> nn.Module:
+    return MLP(_flat(shape), (64,), k)
+
+
+@register("cnn-tiny", "image", "2 conv layers (8, 16) + GroupNorm, linear head: ~2k parameters, DP-friendly")
+def _cnn_tiny(shape: tuple[int, ...], k: int) -> nn.Module:
+    return SmallCNN(shape[0], k, (8, 16))
+
+
 @register("cnn-wide", "image", "3 conv layers (32, 64, 128) + GroupNorm, linear head")
 def _cnn_wide(shape: tuple[int, ...], k: int) -> nn.Module:
     return SmallCNN(shape[0], k, (32, 64, 128))

@@ -37,6 +37,7 @@ source is provided here.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import warnings
@@ -189,15 +190,59 @@ _OPTIMIZERS: dict[type[DPOptimizer], type[DPOptimizer]] = {
 # Grad-sample strategies
 
 
+ClipGroups = Sequence[Sequence[nn.Parameter]]
+
+
+def _clip_partition(
+    module: nn.Module, max_grad_norm: float, clip_groups: ClipGroups | None
+) -> tuple[list[float], dict[int, int]]:
+    """Per-group clipping bounds and each trainable parameter's group.
+
+    Without groups every parameter is in one group bounded by C (ordinary joint
+    clipping).  With m groups each is bounded by C / sqrt(m), so the clipped
+    per-sample gradient still has norm <= sqrt(m * C^2 / m) = C: the same L2
+    sensitivity, hence the same Gaussian mechanism and the same accounting."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if clip_groups is None:
+        return [max_grad_norm], {id(p): 0 for p in trainable}
+    group_of: dict[int, int] = {}
+    for g, params in enumerate(clip_groups):
+        for p in params:
+            if id(p) in group_of:
+                raise PrivacyValidationError("clip groups overlap: a parameter is in two groups.")
+            group_of[id(p)] = g
+    missing = [p for p in trainable if id(p) not in group_of]
+    if missing or not clip_groups:
+        raise PrivacyValidationError(
+            f"clip groups must cover every trainable parameter ({len(missing)} of {len(trainable)} are in none)."
+        )
+    for sub in module.modules():
+        groups = {group_of[id(p)] for p in sub.parameters(recurse=False) if p.requires_grad}
+        if len(groups) > 1:
+            raise PrivacyValidationError(f"clip groups split the parameters of one layer ({type(sub).__name__}).")
+    bound = max_grad_norm / math.sqrt(len(clip_groups))
+    return [bound] * len(clip_groups), group_of
+
+
 class _Strategy:
     """Wraps a module for one phase; computes what the DP optimizer needs."""
 
     name = "abstract"
     optimizer_class: type[DPOptimizer] = DPOptimizer
 
-    def __init__(self, module: nn.Module, *, max_grad_norm: float) -> None:
+    supports_clip_groups = False
+
+    def __init__(
+        self, module: nn.Module, *, max_grad_norm: float, clip_groups: ClipGroups | None = None
+    ) -> None:
+        if clip_groups is not None and not self.supports_clip_groups:
+            raise PrivacyValidationError(
+                f"per-model clipping (privacy.clipping = 'per-model') needs grad_sample_mode 'bk' or 'auto', "
+                f"not {self.name!r}; set privacy.clipping = 'joint' to use {self.name!r}."
+            )
         self.module = module
         self.max_grad_norm = max_grad_norm
+        self.clip_groups = clip_groups
         self.wrapped: AbstractGradSampleModule = self._wrap(module)
 
     def _wrap(self, module: nn.Module) -> AbstractGradSampleModule:
@@ -411,8 +456,9 @@ class _BookKeepingModule(GradSampleModule):
     gradient) and ``sum_b c_b grad_b`` for the others.  Opacus'
     ``DPOptimizerFastGradientClipping`` then adds the noise and steps."""
 
-    def __init__(self, m: nn.Module, *, max_grad_norm: float) -> None:
+    def __init__(self, m: nn.Module, *, max_grad_norm: float, clip_groups: ClipGroups | None = None) -> None:
         self.max_grad_norm = max_grad_norm
+        self._bounds, self._group_of = _clip_partition(m, max_grad_norm, clip_groups)
         super().__init__(m, batch_first=True, loss_reduction="mean", strict=True)
         self._linears: list[tuple[nn.Module, list]] = []
         for sub in m.modules():
@@ -459,11 +505,12 @@ class _BookKeepingModule(GradSampleModule):
             del module.max_batch_len
 
     def clip(self) -> None:
-        norm_sq: torch.Tensor | None = None
+        norm_sq: list[torch.Tensor | None] = [None] * len(self._bounds)
 
-        def add(sq: torch.Tensor) -> None:
-            nonlocal norm_sq
-            norm_sq = sq if norm_sq is None else norm_sq + sq
+        def add(p: nn.Parameter, sq: torch.Tensor) -> None:
+            g = self._group_of[id(p)]
+            prev = norm_sq[g]
+            norm_sq[g] = sq if prev is None else prev + sq
 
         linear_data: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
         conv_samples: list[tuple[nn.Parameter, torch.Tensor]] = []
@@ -481,39 +528,46 @@ class _BookKeepingModule(GradSampleModule):
                 for p, gs in conv2d_per_sample_grads(m, a, g).items():  # type: ignore[arg-type]
                     if p.requires_grad:
                         conv_samples.append((p, gs))
-                        add(gs.reshape(len(gs), -1).pow(2).sum(1))
+                        add(p, gs.reshape(len(gs), -1).pow(2).sum(1))
                 continue
             linear_data.append((m, a, g))  # type: ignore[arg-type]
             if g.dim() == 2:
                 g2 = g.pow(2).sum(1)
                 if m.weight.requires_grad:
-                    add(g2 * a.pow(2).sum(1))
+                    add(m.weight, g2 * a.pow(2).sum(1))
                 if m.bias is not None and m.bias.requires_grad:
-                    add(g2)
+                    add(m.bias, g2)
             else:
-                for ns in compute_linear_norm_sample(m, [a], g).values():
-                    add(ns.pow(2))
+                for p, ns in compute_linear_norm_sample(m, [a], g).items():
+                    add(p, ns.pow(2))
         others = [p for p in self._module.parameters() if p.requires_grad and p.__dict__.get("grad_sample") is not None]
         for p in others:
-            add(p.grad_sample.reshape(len(p.grad_sample), -1).pow(2).sum(1))  # type: ignore[attr-defined]
+            add(p, p.grad_sample.reshape(len(p.grad_sample), -1).pow(2).sum(1))  # type: ignore[attr-defined]
         params = [p for p in self._module.parameters() if p.requires_grad]
-        if norm_sq is None:  # nothing was used in the forward pass
-            for p in params:
-                p.grad = torch.zeros_like(p)
-            return
-        coef = (self.max_grad_norm / (norm_sq.sqrt() + 1e-6)).clamp(max=1.0)
+        # per group b: c_b = min(1, C_group / ||grad_b restricted to the group||)
+        coefs = [
+            None if sq is None else (bound / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+            for sq, bound in zip(norm_sq, self._bounds, strict=True)
+        ]
+
+        def coef_of(p: nn.Parameter) -> torch.Tensor:
+            c = coefs[self._group_of[id(p)]]
+            assert c is not None  # the parameter contributed a norm above
+            return c
+
         for m, a, g in linear_data:
-            cg = g * coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+            c = coef_of(m.weight)
+            cg = g * c.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
             if m.weight.requires_grad:
                 m.weight.grad = cg.reshape(-1, cg.shape[-1]).t().mm(a.reshape(-1, a.shape[-1])).to(m.weight.dtype)
             if m.bias is not None and m.bias.requires_grad:
                 m.bias.grad = cg.reshape(-1, cg.shape[-1]).sum(0).to(m.bias.dtype)
         for p in others:
             gs = p.grad_sample  # type: ignore[attr-defined]
-            p.grad = torch.einsum("n,n...->...", coef.to(gs.dtype), gs).to(p.dtype)
+            p.grad = torch.einsum("n,n...->...", coef_of(p).to(gs.dtype), gs).to(p.dtype)
             p.grad_sample = None  # type: ignore[attr-defined]
         for p, gs in conv_samples:
-            p.grad = torch.einsum("n,n...->...", coef.to(gs.dtype), gs).to(p.dtype)
+            p.grad = torch.einsum("n,n...->...", coef_of(p).to(gs.dtype), gs).to(p.dtype)
         for p in params:  # parameters unused in this forward pass get a zero gradient (noise is still added)
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -531,9 +585,10 @@ class _BookKeepingModule(GradSampleModule):
 class _BookKeeping(_Strategy):
     name = "bk"
     optimizer_class = DPOptimizerFastGradientClipping
+    supports_clip_groups = True
 
     def _wrap(self, module: nn.Module) -> AbstractGradSampleModule:
-        return _BookKeepingModule(module, max_grad_norm=self.max_grad_norm)
+        return _BookKeepingModule(module, max_grad_norm=self.max_grad_norm, clip_groups=self.clip_groups)
 
     def backward(self, loss: torch.Tensor, out: torch.Tensor, batch_dim: int) -> None:
         loss.backward()
@@ -641,6 +696,7 @@ class DPSGDSession:
         mode: str,
         noise_generator: torch.Generator | None = None,
         secure: bool = False,
+        clip_groups: ClipGroups | None = None,
     ) -> None:
         self.module = module
         self.mode = resolve_grad_sample_mode(mode, module)
@@ -651,7 +707,9 @@ class DPSGDSession:
         self._flags = {id(m): m._is_full_backward_hook for m in module.modules()}
         self._strategy: _Strategy | None = None
         try:
-            self._strategy = GRAD_SAMPLE_MODES[self.mode](module, max_grad_norm=max_grad_norm)
+            self._strategy = GRAD_SAMPLE_MODES[self.mode](
+                module, max_grad_norm=max_grad_norm, clip_groups=clip_groups
+            )
             if secure and noise_generator is not None:
                 raise PrivacyValidationError("secure mode draws noise from the OS CSPRNG and refuses a seeded generator.")
             self.optimizer = _OPTIMIZERS[self._strategy.optimizer_class](
@@ -732,6 +790,7 @@ def run_dp_sgd(
     optim_cfg: DFMLConfig,
     mode: str,
     randomness: Randomness,
+    clip_groups: ClipGroups | None = None,
 ) -> PhaseResult:
     """Run ``steps`` DP-SGD steps of ``module`` on (x, y) with Poisson sampling at
     ``sample_rate`` (expected batch ``sample_rate * n``).  The module is
@@ -751,6 +810,7 @@ def run_dp_sgd(
         mode=mode,
         noise_generator=randomness.noise,
         secure=randomness.secure,
+        clip_groups=clip_groups,
     ) as session:
         for _ in range(steps):
             idx = randomness.poisson_indices(n, sample_rate)
@@ -770,10 +830,11 @@ def clipped_sum_gradient(
     batch_dim: int,
     max_grad_norm: float,
     mode: str,
+    clip_groups: ClipGroups | None = None,
 ) -> list[torch.Tensor]:
-    """Sum over the batch of per-sample gradients clipped to ``max_grad_norm``,
-    as computed by grad-sample ``mode`` (no noise, no update).  For checking
-    the modes against a per-sample loop."""
+    """Sum over the batch of per-sample gradients clipped to ``max_grad_norm``
+    (per group when ``clip_groups``), as computed by grad-sample ``mode`` (no
+    noise, no update).  For checking the modes against a per-sample loop."""
     params = [p for p in module.parameters() if p.requires_grad]
     with DPSGDSession(
         module,
@@ -784,6 +845,7 @@ def clipped_sum_gradient(
         max_grad_norm=max_grad_norm,
         expected_batch_size=1,
         mode=mode,
+        clip_groups=clip_groups,
     ) as session:
         return session.noisy_gradient(x, y)
 
@@ -796,17 +858,21 @@ def reference_clipped_sum(
     loss_fn: LossFn,
     batch_dim: int,
     max_grad_norm: float,
+    clip_groups: ClipGroups | None = None,
 ) -> list[torch.Tensor]:
-    """Loop reference: each sample's gradient computed alone, clipped, summed.
-    (The DFML losses are batch means, so one sample's term is the loss of a
-    batch of one.)"""
+    """Loop reference: each sample's gradient computed alone, clipped (per
+    group when ``clip_groups``), summed.  (The DFML losses are batch means, so
+    one sample's term is the loss of a batch of one.)"""
     params = [p for p in module.parameters() if p.requires_grad]
+    bounds, group_of = _clip_partition(module, max_grad_norm, clip_groups)
     total = [torch.zeros_like(p) for p in params]
     for i in range(int(y.shape[0])):
         out = module(x[i : i + 1])
         grads = torch.autograd.grad(loss_fn(out, y[i : i + 1]), params)
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
-        factor = min(1.0, max_grad_norm / (float(norm) + 1e-6))
-        for t, g in zip(total, grads, strict=True):
-            t.add_(g * factor)
+        sq = [0.0] * len(bounds)
+        for p, g in zip(params, grads, strict=True):
+            sq[group_of[id(p)]] += float((g.double() ** 2).sum())
+        factors = [min(1.0, b / (math.sqrt(v) + 1e-6)) for b, v in zip(bounds, sq, strict=True)]
+        for t, p, g in zip(total, params, grads, strict=True):
+            t.add_(g * factors[group_of[id(p)]])
     return total

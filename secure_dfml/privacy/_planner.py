@@ -32,10 +32,21 @@ Expected schedule (what the planner calibrates for), per peer:
   (q = 1, one step) whose noise spends ``prior_fraction`` of epsilon on its own
   is reserved first (released once per peer, then reused).
 
+Public schedule (``privacy.plan_on = "schedule"``, the default): who takes
+part, who aggregates and which phases read whose data is derived from public
+values only -- the federation id, seed and round (see
+:func:`secure_dfml.protocol.strategies.public_schedule`) -- so the planner
+counts each peer's actual phases instead of the expected ones.  Calibrating
+noise to a data-independent schedule leaks nothing, and each peer spends its
+target exactly by its last phase: no phase is refused for a peer selected more
+often than average and no budget is left unspent by one selected less often.
+``plan_on = "expected"`` uses the expectation above (for deployments whose
+schedule is not known in advance).
+
 The planned noise multiplier is the smallest sigma whose composition with the
-reserved release spends the target epsilon by the last round of the expected
-schedule.  A peer that is selected more often than expected is stopped by the
-ledger's hard gate; one selected less often finishes under budget.
+reserved release spends the target epsilon by the last phase of the schedule.
+Whatever happens at run time, the ledger's hard gate still refuses any phase
+that would exceed the budget.
 """
 
 from __future__ import annotations
@@ -236,6 +247,7 @@ class PeerPlan:
     expected_local_phases: float
     expected_mutual_phases: float
     expected_steps: int
+    plan_on: str  # "schedule" (the public schedule's phases) | "expected"
     noise_multiplier: float | None
     noise_source: str  # "planned" | "explicit" | "none"
     prior_noise_multiplier: float | None
@@ -265,17 +277,59 @@ def prior_noise_for(budget: PeerBudget, *, accountant: str, fraction: float = DE
     )
 
 
+@dataclass(frozen=True)
+class PhaseCount:
+    """Phases (and epochs) that read one peer's data over the run."""
+
+    local_phases: float
+    mutual_phases: float
+    epochs: float
+
+
+def expected_phases(cfg: RunConfig) -> PhaseCount:
+    """The expectation over selection (the same for every peer)."""
+    part = expected_participation(cfg)
+    rounds = cfg.federation.rounds
+    local = rounds * part.probability * (1 - part.aggregator_share) if cfg.dfml.local_epochs > 0 else 0.0
+    mutual = rounds * part.probability * part.aggregator_share if cfg.dfml.ml_epochs > 0 else 0.0
+    return PhaseCount(local, mutual, local * cfg.dfml.local_epochs + mutual * cfg.dfml.ml_epochs)
+
+
+def scheduled_phases(cfg: RunConfig, num_peers: int) -> list[PhaseCount]:
+    """Per peer, its phases on the public schedule (derived from public values only)."""
+    from secure_dfml.protocol.strategies import public_schedule  # the protocol layer imports privacy lazily
+
+    counts = [[0, 0, 0] for _ in range(num_peers)]
+    for round_phases in public_schedule(cfg, num_peers):
+        for peer, phase, epochs in round_phases:
+            if 0 <= peer < num_peers:
+                counts[peer][0 if phase == "local" else 1] += 1
+                counts[peer][2] += epochs
+    return [PhaseCount(float(a), float(b), float(e)) for a, b, e in counts]
+
+
+def peer_phases(cfg: RunConfig, num_peers: int) -> list[PhaseCount]:
+    """What the planner calibrates each peer's noise to (``privacy.plan_on``)."""
+    if cfg.privacy.plan_on == "schedule":
+        return scheduled_phases(cfg, num_peers)
+    return [expected_phases(cfg)] * num_peers
+
+
 def plan_peer(
-    cfg: RunConfig, budget: PeerBudget, *, prior_fraction: float = DEFAULT_PRIOR_FRACTION
+    cfg: RunConfig,
+    budget: PeerBudget,
+    *,
+    phases: PhaseCount | None = None,
+    prior_fraction: float = DEFAULT_PRIOR_FRACTION,
 ) -> PeerPlan:
+    """The plan for one peer; ``phases`` defaults to the expected schedule."""
     acc = cfg.privacy.accountant
     part = expected_participation(cfg)
     q = sample_rate_for(cfg.dfml.batch_size, budget.num_train)
     k = steps_per_epoch(q)
     rounds = cfg.federation.rounds
-    local_phases = rounds * part.probability * (1 - part.aggregator_share) if cfg.dfml.local_epochs > 0 else 0.0
-    mutual_phases = rounds * part.probability * part.aggregator_share if cfg.dfml.ml_epochs > 0 else 0.0
-    epochs = local_phases * cfg.dfml.local_epochs + mutual_phases * cfg.dfml.ml_epochs
+    counted = phases if phases is not None else expected_phases(cfg)
+    local_phases, mutual_phases, epochs = counted.local_phases, counted.mutual_phases, counted.epochs
     total_steps = math.ceil(epochs * k - 1e-9) if epochs > 0 else 0
 
     prior_sigma = (
@@ -324,6 +378,7 @@ def plan_peer(
         expected_local_phases=local_phases,
         expected_mutual_phases=mutual_phases,
         expected_steps=total_steps,
+        plan_on="expected" if phases is None else cfg.privacy.plan_on,
         noise_multiplier=sigma,
         noise_source=source,
         prior_noise_multiplier=prior_sigma,
@@ -348,17 +403,27 @@ def resolve_budgets(cfg: RunConfig, num_train_per_peer: Sequence[int]) -> list[P
 def plan_budgets(
     cfg: RunConfig, num_train_per_peer: Sequence[int], *, prior_fraction: float = DEFAULT_PRIOR_FRACTION
 ) -> list[PeerPlan]:
-    """Per peer: the noise multiplier that spends its target by the last round of
-    the expected schedule, and the expected epsilon per round."""
+    """Per peer: the noise multiplier that spends its target by its last phase on
+    the schedule (``privacy.plan_on``), and the epsilon per round."""
+    return plan_all(cfg, resolve_budgets(cfg, num_train_per_peer), prior_fraction=prior_fraction)
+
+
+def plan_all(
+    cfg: RunConfig, budgets: Sequence[PeerBudget], *, prior_fraction: float = DEFAULT_PRIOR_FRACTION
+) -> list[PeerPlan]:
+    """Plans for ``budgets`` (peer ids ``0..len-1`` in any order); peers with the
+    same size, budget and phases share one (costly) noise search."""
+    phases = peer_phases(cfg, len(budgets))
     plans: list[PeerPlan] = []
     cache: dict[tuple[object, ...], PeerPlan] = {}
-    for budget in resolve_budgets(cfg, num_train_per_peer):
-        key = (budget.num_train, budget.epsilon, budget.delta, budget.max_grad_norm, budget.noise_multiplier)
+    for budget in budgets:
+        ph = phases[budget.peer_id]
+        key = (budget.num_train, budget.epsilon, budget.delta, budget.max_grad_norm, budget.noise_multiplier, ph)
         hit = cache.get(key)
         if hit is not None:
             plan = PeerPlan(**{**hit.to_dict(), "peer_id": budget.peer_id})  # type: ignore[arg-type]
         else:
-            plan = plan_peer(cfg, budget, prior_fraction=prior_fraction)
+            plan = plan_peer(cfg, budget, phases=ph, prior_fraction=prior_fraction)
             cache[key] = plan
         plans.append(plan)
     return plans

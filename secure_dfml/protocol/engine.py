@@ -277,7 +277,7 @@ class RoundEngine:
             self._stats = RoundStats(t, alpha_at(t, cfg.dfml), is_peak(t, cfg.dfml))
             bytes_before = self.transport.bytes_sent
             t0 = time.perf_counter()
-            for group in self.strategy.select(self, t):
+            for group in self.strategy.select(len(self.peers), t):
                 info = self.strategy.run_group(self, group)
                 self.stats.groups.append({"aggregator": group.aggregator, "senders": list(group.senders), **info})
             train_seconds = time.perf_counter() - t0
@@ -349,7 +349,13 @@ class Strategy:
     needs_homogeneous: bool = False
     uses_server: bool = False
 
-    def select(self, engine: RoundEngine, round_index: int) -> Sequence[Group]:
+    def select(self, num_peers: int, round_index: int) -> Sequence[Group]:
+        """The round's groups, from public values only."""
+        raise NotImplementedError
+
+    def data_phases(self, group: Group) -> Sequence[tuple[int, str, int]]:
+        """(peer, "local" | "mutual", epochs) for each phase of ``group`` that reads
+        a peer's private data -- what a privacy planner calibrates noise to."""
         raise NotImplementedError
 
     def run_group(self, engine: RoundEngine, group: Group) -> dict[str, Any]:

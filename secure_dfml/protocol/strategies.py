@@ -39,16 +39,33 @@ class Entry:
     averaged: bool = False
 
 
-def hashed_groups(engine: RoundEngine, round_index: int) -> tuple[Group, ...]:
-    f = engine.cfg.federation
+def hashed_groups(cfg: RunConfig, num_peers: int, round_index: int) -> tuple[Group, ...]:
+    f = cfg.federation
     return select_groups(
         federation_id=f.id,
         seed=f.seed,
         round_index=round_index,
-        num_peers=len(engine.peers),
+        num_peers=num_peers,
         participants=f.participants,
         groups=f.groups,
     )
+
+
+DataPhase = tuple[int, str, int]  # (peer whose data is read, "local" | "mutual", epochs)
+
+
+def public_schedule(cfg: RunConfig, num_peers: int) -> list[list[DataPhase]]:
+    """Per round, every phase that will read a peer's private data.
+
+    Derived from public values only (the configuration, the federation id and
+    seed, the number of peers) -- never from data -- so a privacy planner may
+    calibrate noise to it without leaking anything.  Simulated link failures do
+    not change it: a group whose models do not arrive still runs its phases."""
+    strategy = build_strategy(cfg)
+    return [
+        [ph for g in strategy.select(num_peers, t) for ph in strategy.data_phases(g) if ph[2] > 0]
+        for t in range(cfg.federation.rounds)
+    ]
 
 
 def collect(engine: RoundEngine, group: Group, *, average: bool) -> tuple[list[Entry], dict[str, Any]]:
@@ -134,14 +151,18 @@ class DFMLStrategy(Strategy):
     name = "dfml"
 
     def __init__(self, cfg: RunConfig, *, fixed_alpha: float | None = None, use_wsm: bool = True) -> None:
+        self.cfg = cfg
         self.dfml = cfg.dfml
         self.fixed_alpha = fixed_alpha
         self.use_wsm = use_wsm
         self.average = cfg.dfml.average_same_arch
         self.sender_epochs = cfg.dfml.local_epochs
 
-    def select(self, engine: RoundEngine, round_index: int) -> Sequence[Group]:
-        return hashed_groups(engine, round_index)
+    def select(self, num_peers: int, round_index: int) -> Sequence[Group]:
+        return hashed_groups(self.cfg, num_peers, round_index)
+
+    def data_phases(self, group: Group) -> list[DataPhase]:
+        return [*((s, "local", self.sender_epochs) for s in group.senders), (group.aggregator, "mutual", self.dfml.ml_epochs)]
 
     def run_group(self, engine: RoundEngine, group: Group) -> dict[str, Any]:
         for s in group.senders:
@@ -176,9 +197,9 @@ class DefKTStrategy(DFMLStrategy):
         self.average = False
         self.sender_epochs = max(1, cfg.dfml.local_epochs)  # Def-KT teachers always train locally
 
-    def select(self, engine: RoundEngine, round_index: int) -> Sequence[Group]:
+    def select(self, num_peers: int, round_index: int) -> Sequence[Group]:
         """The round's participants, paired student <- teacher."""
-        members = [m for g in hashed_groups(engine, round_index) for m in g.members]
+        members = [m for g in hashed_groups(self.cfg, num_peers, round_index) for m in g.members]
         return tuple(Group(aggregator=members[i], senders=(members[i + 1],)) for i in range(0, len(members) - 1, 2))
 
 
@@ -188,8 +209,11 @@ class LocalStrategy(Strategy):
     def __init__(self, cfg: RunConfig) -> None:
         self.epochs = max(1, cfg.dfml.local_epochs)
 
-    def select(self, engine: RoundEngine, round_index: int) -> Sequence[Group]:
-        return tuple(Group(aggregator=p.peer_id, senders=()) for p in engine.peers)
+    def select(self, num_peers: int, round_index: int) -> Sequence[Group]:
+        return tuple(Group(aggregator=p, senders=()) for p in range(num_peers))
+
+    def data_phases(self, group: Group) -> list[DataPhase]:
+        return [(group.aggregator, "local", self.epochs)]
 
     def run_group(self, engine: RoundEngine, group: Group) -> dict[str, Any]:
         engine.local_train(group.aggregator, self.epochs)
@@ -201,10 +225,14 @@ class GossipAvgStrategy(Strategy):
     needs_homogeneous = True
 
     def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
         self.epochs = max(1, cfg.dfml.local_epochs)
 
-    def select(self, engine: RoundEngine, round_index: int) -> Sequence[Group]:
-        return hashed_groups(engine, round_index)
+    def select(self, num_peers: int, round_index: int) -> Sequence[Group]:
+        return hashed_groups(self.cfg, num_peers, round_index)
+
+    def data_phases(self, group: Group) -> list[DataPhase]:
+        return [(p, "local", self.epochs) for p in group.members]
 
     def run_group(self, engine: RoundEngine, group: Group) -> dict[str, Any]:
         for p in group.members:
@@ -218,8 +246,12 @@ class CentralFedAvgStrategy(GossipAvgStrategy):
     name = "fedavg-central"
     uses_server = True
 
-    def select(self, engine: RoundEngine, round_index: int) -> Sequence[Group]:
-        return (Group(aggregator=engine.server_id, senders=tuple(p.peer_id for p in engine.peers)),)
+    def select(self, num_peers: int, round_index: int) -> Sequence[Group]:
+        # the server is a virtual endpoint with id num_peers (= RoundEngine.server_id) and no data
+        return (Group(aggregator=num_peers, senders=tuple(range(num_peers))),)
+
+    def data_phases(self, group: Group) -> list[DataPhase]:
+        return [(p, "local", self.epochs) for p in group.senders]
 
     def run_group(self, engine: RoundEngine, group: Group) -> dict[str, Any]:
         for p in group.senders:
