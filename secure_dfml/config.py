@@ -210,7 +210,7 @@ class PrivacyConfig:
     noise_multiplier: float | None = None
     accountant: Literal["prv", "rdp"] = "rdp"
     secure_mode: bool = False
-    class_prior: Literal["uniform", "dp"] = "uniform"
+    class_prior: Literal["uniform", "dp"] = "dp"
     grad_sample_mode: Literal["auto", "bk", "hooks", "functorch", "ew", "ghost"] = "auto"
     clipping: Literal["per-model", "joint"] = "per-model"
     plan_on: Literal["schedule", "expected"] = "schedule"

@@ -266,15 +266,21 @@ class PeerPlan:
 
 
 def prior_noise_for(budget: PeerBudget, *, accountant: str, fraction: float = DEFAULT_PRIOR_FRACTION) -> float:
-    """Noise multiplier of the DP class-histogram release (L2 sensitivity 1):
-    spends ``fraction`` of the peer's epsilon on its own (sigma 20 when uncapped)."""
+    """Noise multiplier of the DP class-histogram release (L2 sensitivity 1),
+    calibrated in closed form by the classic Gaussian mechanism for
+    ``fraction * epsilon``: ``sigma = sqrt(2 ln(1.25 / delta)) / (fraction * epsilon)``
+    (sigma 20 when uncapped).  This only *chooses* the noise; what the release
+    costs is what the peer's accountant says when it composes it with the
+    DP-SGD steps (the planner calibrates those to fill the rest of the budget).
+    A search with the accountant alone is not used: RDP over Opacus' orders
+    cannot certify a single release below epsilon ~0.2, which would refuse
+    budgets of epsilon <= 2."""
+    del accountant  # the calibration is accountant-free (see above)
     if budget.epsilon is None:
         return 20.0
     if not 0 < fraction < 1:
         raise PrivacyValidationError(f"prior fraction = {fraction!r}: expected a number in (0, 1).")
-    return noise_for_budget(
-        target_epsilon=fraction * budget.epsilon, delta=budget.delta, sample_rate=1.0, steps=1, accountant=accountant
-    )
+    return math.sqrt(2.0 * math.log(1.25 / budget.delta)) / (fraction * budget.epsilon)
 
 
 @dataclass(frozen=True)
@@ -334,7 +340,7 @@ def plan_peer(
 
     prior_sigma = (
         prior_noise_for(budget, accountant=acc, fraction=prior_fraction)
-        if cfg.privacy.class_prior == "dp"
+        if cfg.privacy.class_prior == "dp" and mutual_phases > 0  # released by aggregators only
         else None
     )
     fixed = [Mechanism(prior_sigma, 1.0, 1)] if prior_sigma is not None else []

@@ -23,8 +23,10 @@ the joint norm to C (measured: the smallest model then kept ~9% of the norm).
 
 Class prior for WSM (``privacy.class_prior``):
 
-* ``"uniform"`` -- the public uniform prior (WSM reduces to cross-entropy); free.
-* ``"dp"``      -- the aggregator's class histogram released once with the
+* ``"uniform"`` -- the public uniform prior (WSM reduces to cross-entropy); free,
+  but under non-IID data the aggregator's missing classes are then trained
+  against and forgotten.
+* ``"dp"`` (default) -- the aggregator's class histogram released once with the
   Gaussian mechanism: under add/remove-one adjacency a record changes one
   count by 1 (L2 sensitivity 1), so adding N(0, sigma_h^2) per count is a
   subsampled Gaussian mechanism with q = 1 and one step.  It is recorded in
@@ -308,7 +310,9 @@ class DPTrainer:
         if cached is not None:
             return cached.clone()
         sigma = self._plans[peer.peer_id].prior_noise_multiplier
-        assert sigma is not None  # planned whenever class_prior == "dp"
+        if sigma is None:  # the plan has no mutual phase for this peer, so no release was budgeted
+            logger.warning("peer %d: no class-prior release was planned; using the uniform prior", peer.peer_id)
+            return uniform
         mech = Mechanism(sigma, 1.0, 1)
         refused = self._admit(peer.peer_id, round_index=round_index, phase="class_prior", mechanism=mech)
         if refused is not None:
