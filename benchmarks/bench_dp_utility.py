@@ -1,27 +1,23 @@
 """DP utility benchmark (issue 5): DFML global accuracy at epsilon 1, 2, 4, 8 and non-private.
 
-Fashion-MNIST, 10 peers, Dirichlet(0.5) non-IID split, heterogeneous models (the
-default mix: cnn-small, mlp, resnet-gn, cnn-wide cycled over peers), the built-in
-default federation (20 rounds, 5 participants per round). Each budget is one
+Fashion-MNIST, 10 peers, Dirichlet(0.5) non-IID split, heterogeneous models: the
+built-in federation of ``secure-dfml run`` (``secure_dfml.config.default_config``:
+cnn-small / mlp-small / cnn-tiny cycled over peers, 20 rounds, all peers per
+round in 2 groups, batch 256, lr 0.1, 8 mutual-learning epochs, DP class prior,
+per-model clipping, noise planned on the public schedule).  Each budget is one
 point of :func:`secure_dfml.privacy.tune_budgets` -- the same federation, seed
 and data split at every point -- so the table is exactly what
-``secure-dfml tune --epsilons 1,2,4,8,inf`` reports.
-
-Two DP settings are compared:
-
-* ``default``: the library defaults (batch 32, lr 0.05, C = 1, RDP accountant);
-* ``recommended``: the DP settings this benchmark recommends (see RECOMMENDED),
-  i.e. what a user writes in the config's [dfml] / [privacy] sections.
+``secure-dfml tune --epsilons 1,2,4,8,inf`` reports; the non-private point is
+the same configuration with ``privacy.enabled = false``.
 
 Target: at epsilon 8, within 5 points of non-private (same settings).
 
-    python benchmarks/bench_dp_utility.py --quick            # fashion-mnist-mini, recommended settings (~15 min)
-    python benchmarks/bench_dp_utility.py --quick --settings both
-    python benchmarks/bench_dp_utility.py                    # + the real fashion-mnist (../shared/data), both settings
-    python benchmarks/bench_dp_utility.py --diagnose         # where the accuracy goes at epsilon 8 (phase-level)
+    python benchmarks/bench_dp_utility.py --quick        # fashion-mnist-mini (bundled, 20k images; ~15 min)
+    python benchmarks/bench_dp_utility.py                # + the real Fashion-MNIST (../shared/data, 28x28)
+    python benchmarks/bench_dp_utility.py --ablate       # epsilon 8: what each DP design choice is worth
 
-Writes benchmarks/results/dp_utility.{json,md,png} (``--diagnose``:
-dp_utility_diagnose.{json,md}).
+Writes benchmarks/results/dp_utility.{json,md,png} (``--ablate``:
+dp_utility_ablation.{json,md}).
 """
 
 from __future__ import annotations
@@ -43,24 +39,17 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 EPSILONS: list[float] = [1.0, 2.0, 4.0, 8.0, math.inf]
 
-#: DP settings recommended for the default federation (a user sets these in the config):
-#: a lower learning rate (DP noise makes accuracy swing from round to round at lr 0.05)
-#: and the tighter PRV accountant (about 10-15% less noise for the same epsilon).
-#: Measured alternatives that did not help: batch 128 (+ lr 0.1), alpha_max 0.4.
-RECOMMENDED: dict[str, dict[str, Any]] = {
-    "dfml": {"lr": 0.02},
-    "privacy": {"accountant": "prv"},
-}
-SETTINGS: dict[str, dict[str, dict[str, Any]]] = {"default": {}, "recommended": RECOMMENDED}
+#: one settings column: the built-in configuration as shipped
+SETTINGS: dict[str, dict[str, dict[str, Any]]] = {"built-in": {}}
 
 MODES: dict[str, dict[str, Any]] = {
-    "quick": {"datasets": {"fashion-mnist-mini": {"max_train_samples": 10_000}}, "settings": ["recommended"]},
+    "quick": {"datasets": {"fashion-mnist-mini": {}}, "settings": ["built-in"]},
     "full": {
         "datasets": {
-            "fashion-mnist-mini": {"max_train_samples": 10_000},
-            "fashion-mnist": {"max_train_samples": 20_000, "max_test_samples": 2_000},
+            "fashion-mnist-mini": {},
+            "fashion-mnist": {"max_test_samples": 2_000},
         },
-        "settings": ["default", "recommended"],
+        "settings": ["built-in"],
     },
 }
 
@@ -75,7 +64,7 @@ def make_config(dataset: str, data_overrides: dict[str, Any], settings: str, *, 
         cfg = cfg.replace(federation={"rounds": rounds})
     for section, values in SETTINGS[settings].items():
         cfg = cfg.replace(**{section: values})
-    assert cfg.federation.peers == 10 and not cfg.models.mix  # 10 peers, default heterogeneous mix
+    assert cfg.federation.peers == 10 and len(set(cfg.models.mix)) >= 3  # 10 peers, heterogeneous models
     return cfg
 
 
@@ -166,10 +155,11 @@ def _describe_federation(data: dict[str, Any]) -> str:
     f, d, m = cfg["federation"], cfg["dfml"], cfg["models"]
     return (f"{f['peers']} peers, {f['participants']} participants per round in {f['groups']} group(s), "
             f"{f['rounds']} rounds, {cfg['data']['partition']}({cfg['data']['dirichlet_alpha']}) split, "
-            f"{'default heterogeneous mix' if not m['mix'] else 'mix ' + '/'.join(m['mix'])} "
-            "(cnn-small / mlp / resnet-gn / cnn-wide), "
-            f"ml_epochs {d['ml_epochs']}, local_epochs {d['local_epochs']}, batch {d['batch_size']}, "
-            f"C = {cfg['privacy']['max_grad_norm']}")
+            f"models {'/'.join(m['mix'])}, "
+            f"ml_epochs {d['ml_epochs']}, local_epochs {d['local_epochs']}, batch {d['batch_size']}, lr {d['lr']}, "
+            f"C = {cfg['privacy']['max_grad_norm']} ({cfg['privacy']['clipping']} clipping), class prior "
+            f"{cfg['privacy']['class_prior']}, {cfg['privacy']['accountant'].upper()}, noise planned on the "
+            f"{cfg['privacy']['plan_on']}")
 
 
 def render_md(data: dict[str, Any]) -> str:
@@ -183,9 +173,6 @@ def render_md(data: dict[str, Any]) -> str:
         f"Federation: the built-in default ({_describe_federation(data)}), "
         "one `secure-dfml tune` sweep per data set and settings; accuracy = mean global accuracy over peers "
         "(final round, and the mean of the last 5 rounds: DP runs swing from round to round).",
-        "",
-        "Settings: " + "; ".join(f"**{k}** = {json.dumps(v) if v else 'library defaults'}"
-                                 for k, v in SETTINGS.items() if k in {r['settings'] for r in rows}),
         "",
         "| data set | settings | epsilon | mean global % (final) | last-5-round mean % | best round % | "
         "gap to non-private (pts, final / last-5) | eps spent max | phases refused | per-arch global % | s/round |",
@@ -245,144 +232,100 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- diagnose
-DIAGNOSE_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
-    "default": {},
-    "batch128-lr0.1": {"dfml": {"batch_size": 128, "lr": 0.1}},
-    "lr0.02": {"dfml": {"lr": 0.02}},
-    "lr0.02-alpha0.4": {"dfml": {"lr": 0.02, "alpha_max": 0.4}},
-    "lr0.02-ml1-prv": {"dfml": {"lr": 0.02, "ml_epochs": 1}, "privacy": {"accountant": "prv"}},
-    "data20k": {"data": {"max_train_samples": 20_000}},
+# ----------------------------------------------------------------------------- ablation
+#: at epsilon 8, each DP design choice of the built-in configuration undone on its own
+ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "built-in": {},
+    "uniform-prior": {"privacy": {"class_prior": "uniform"}},  # WSM -> plain cross-entropy
+    "joint-clipping": {"privacy": {"clipping": "joint"}},
+    "expected-plan": {"privacy": {"plan_on": "expected"}},  # noise for the expected, not the public, schedule
+    "ml2": {"dfml": {"ml_epochs": 2}},
+    "batch64": {"dfml": {"batch_size": 64}},
+    "large-models": {"models": {"mix": ("cnn-small", "mlp", "resnet-gn", "cnn-wide")}},
+    # the built-in run of the previous release: large models, batch 32, lr 0.02, 2 ML epochs, 10k
+    # images, uniform prior, joint clipping, expected-participation plan
+    "previous": {
+        "models": {"mix": ("cnn-small", "mlp", "resnet-gn", "cnn-wide")},
+        "dfml": {"batch_size": 32, "lr": 0.02, "ml_epochs": 2},
+        "data": {"max_train_samples": 10_000},
+        "privacy": {"class_prior": "uniform", "clipping": "joint", "plan_on": "expected"},
+    },
 }
 
 
-def diagnose_one(cfg: Any, eval_samples: int = 1000) -> dict[str, Any]:
-    """Run ``cfg`` with the trainer instrumented: test accuracy of every model
-    just before and after each local and mutual-learning phase."""
-    from secure_dfml._run import build_federation
-    from secure_dfml.protocol.engine import evaluate
+def _run_one(cfg: Any, runs_root: Path, name: str) -> dict[str, Any]:
+    from secure_dfml._run import run_federation
 
-    fed = build_federation(cfg)
-    eng = fed.engine
-    xt, yt = eng.x_test[:eval_samples], eng.y_test[:eval_samples]
-    tr = eng.trainer
-    deltas: dict[str, list[float]] = {"local": [], "mutual": []}
-    orig_local, orig_mutual = tr.local_train, tr.mutual_train
-
-    def local_train(peer: Any, **kw: Any) -> Any:
-        before = evaluate(peer.model, xt, yt)
-        rep = orig_local(peer, **kw)
-        if rep.ran:
-            deltas["local"].append(evaluate(peer.model, xt, yt) - before)
-        return rep
-
-    def mutual_train(agg: Any, models: Any, **kw: Any) -> Any:
-        before = [evaluate(m, xt, yt) for m in models]
-        rep = orig_mutual(agg, models, **kw)
-        if rep.ran:
-            deltas["mutual"].extend(evaluate(m, xt, yt) - b for m, b in zip(models, before, strict=True))
-        return rep
-
-    tr.local_train = local_train  # type: ignore[method-assign]
-    tr.mutual_train = mutual_train  # type: ignore[method-assign]
+    records: list[dict[str, Any]] = []
+    slug = "".join(c if c.isalnum() else "-" for c in name)[:60]
     t0 = time.perf_counter()
-    recs = list(eng.rounds())
-    last = recs[-1]
-    arch: dict[str, list[float]] = {}
-    for p in last["peers"].values():
-        arch.setdefault(p["arch"], []).append(p["global_acc"])
-    refused = [p for r in recs for p in r["phases"] if not p["ran"] and "budget" in str(p.get("reason", ""))]
+    summary = run_federation(cfg, runs_root / slug, overwrite=True, plot=False, on_round=records.append)
+    refused = sum(1 for r in records for p in r["phases"] if not p["ran"] and "budget" in str(p.get("reason", "")))
+    eps = [p.get("epsilon_spent") for p in summary["peers"].values() if p.get("epsilon_spent") is not None]
     return {
-        "final_global_acc": last["mean_global_acc"],
-        "best_global_acc": max(r["mean_global_acc"] for r in recs),
-        "last5_global_acc": float(np.mean([r["mean_global_acc"] for r in recs[-5:]])),
-        "curve": [round(r["mean_global_acc"], 4) for r in recs],
-        "per_arch_global_acc": {a: float(np.mean(v)) for a, v in sorted(arch.items())},
-        "phases_refused": len(refused),
-        "phases_refused_by_kind": {k: sum(1 for p in refused if p["phase"] == k) for k in ("local", "mutual")},
-        "noise_multiplier": {pid: p.get("noise_multiplier") for pid, p in last["peers"].items()},
-        "epsilon_spent": {pid: p.get("epsilon_spent") for pid, p in last["peers"].items()},
-        "mean_acc_change_per_local_phase": float(np.mean(deltas["local"])) if deltas["local"] else None,
-        "mean_acc_change_per_model_in_mutual_phase": float(np.mean(deltas["mutual"])) if deltas["mutual"] else None,
-        "local_phases": len(deltas["local"]),
-        "mutual_model_updates": len(deltas["mutual"]),
-        "seconds_per_round": float(np.mean([r["seconds"] for r in recs])),
-        "wall_seconds": time.perf_counter() - t0,
+        "final_global_acc": summary["mean_global_acc"],
+        "last5_global_acc": float(np.mean([r["mean_global_acc"] for r in records[-5:]])),
+        "best_global_acc": summary["best_mean_global_acc"],
+        "phases_refused": refused,
+        "epsilon_spent_min_max": [min(eps), max(eps)] if eps else None,
+        "seconds": time.perf_counter() - t0,
     }
 
 
-def run_diagnose(args: argparse.Namespace) -> None:
-    from secure_dfml._run import load_federation_data
-    from secure_dfml.privacy import plan_budgets
-
+def run_ablation(args: argparse.Namespace) -> None:
+    runs_root = args.runs or Path(tempfile.mkdtemp(prefix="secure-dfml-dp-ablation-"))
     out: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "env": _env(), "epsilon": 8.0, "variants": {}}
-    names = args.variants.split(",") if args.variants else list(DIAGNOSE_VARIANTS)
+    names = args.variants.split(",") if args.variants else list(ABLATIONS)
     for name in names:
-        for private in (True, False):
-            cfg = make_config("fashion-mnist-mini", {"max_train_samples": 10_000}, "default", rounds=args.rounds)
-            for section, values in DIAGNOSE_VARIANTS[name].items():
+        for private in (True, False) if name == "built-in" or args.with_non_private else (True,):
+            cfg = make_config("fashion-mnist-mini", {}, "built-in", rounds=args.rounds)
+            for section, values in ABLATIONS[name].items():
                 cfg = cfg.replace(**{section: values})
             cfg = cfg.replace(privacy={"enabled": private, "epsilon": 8.0})
-            entry: dict[str, Any] = {"overrides": DIAGNOSE_VARIANTS[name], "private": private}
-            if private:
-                _ds, split = load_federation_data(cfg)
-                plans = plan_budgets(cfg, [len(p.train) for p in split.peers])
-                entry["plan"] = [{"peer": p.peer_id, "num_train": p.num_train, "noise_multiplier": p.noise_multiplier,
-                                  "sample_rate": p.sample_rate, "expected_steps": p.expected_steps} for p in plans]
-            entry.update(diagnose_one(cfg))
-            print(f"{name} private={private}: final {entry['final_global_acc']:.3f} refused {entry['phases_refused']} "
-                  f"local d {entry['mean_acc_change_per_local_phase']} mutual d "
-                  f"{entry['mean_acc_change_per_model_in_mutual_phase']}", file=sys.stderr, flush=True)
-            out["variants"][f"{name} {'eps=8' if private else 'non-private'}"] = entry
+            entry = {"overrides": ABLATIONS[name], "private": private, **_run_one(cfg, runs_root, f"{name}-{private}")}
+            print(f"{name} private={private}: final {entry['final_global_acc']:.3f}", file=sys.stderr, flush=True)
+            out["variants"][f"{name} | {'epsilon 8' if private else 'non-private'}"] = entry
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dp_utility_diagnose.json").write_text(json.dumps(out, indent=2))
+    (args.out / "dp_utility_ablation.json").write_text(json.dumps(out, indent=2))
     lines = [
-        "# DP utility diagnosis at epsilon 8 (fashion-mnist-mini, default federation)",
+        "# DP utility ablation at epsilon 8 (fashion-mnist-mini, built-in federation)",
         "",
         f"Command: `{out['command']}`; load average {out['env']['load_average']} at start.  ",
-        "Accuracy change per phase: test accuracy (1,000 test images) of each model just after minus just before "
-        "the phase, averaged over phases (local: the sender's model; mutual: every model in the group).",
+        "Each row undoes one choice of the built-in configuration (same seed, split and budget).",
         "",
-        "| variant | final global % | last-5 mean % | best % | per-arch global % | refused phases | "
-        "sigma (min-max) | acc change / local phase | acc change / model / mutual phase | s/round |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| variant | run | final global % | last-5 mean % | best % | phases refused | eps spent (min-max) | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, e in out["variants"].items():
-        sig = [v for v in e["noise_multiplier"].values() if v is not None]
-        sig_s = f"{min(sig):.2f}-{max(sig):.2f}" if sig else "-"
-        arch = ", ".join(f"{a} {_pct(v)}" for a, v in e["per_arch_global_acc"].items())
-        lp = e["mean_acc_change_per_local_phase"]
-        mp = e["mean_acc_change_per_model_in_mutual_phase"]
+    for key, e in out["variants"].items():
+        name, run = key.split(" | ")
+        mm = e["epsilon_spent_min_max"]
         lines.append(
-            f"| {name} | {_pct(e['final_global_acc'])} | {_pct(e['last5_global_acc'])} | "
-            f"{_pct(e['best_global_acc'])} | {arch} | "
-            f"{e['phases_refused']} | {sig_s} | {'-' if lp is None else f'{100 * lp:+.1f} pts'} | "
-            f"{'-' if mp is None else f'{100 * mp:+.1f} pts'} | {e['seconds_per_round']:.2f} |"
+            f"| {name} | {run} | {_pct(e['final_global_acc'])} | {_pct(e['last5_global_acc'])} | "
+            f"{_pct(e['best_global_acc'])} | {e['phases_refused'] if e['private'] else '-'} | "
+            f"{'-' if not mm else f'{mm[0]:.2f}-{mm[1]:.2f}'} | {e['seconds']:.0f} |"
         )
     lines.append("")
-    (args.out / "dp_utility_diagnose.md").write_text("\n".join(lines))
+    (args.out / "dp_utility_ablation.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fashion-mnist-mini only (about 15 minutes on 2 busy cores)")
-    ap.add_argument("--settings", choices=["default", "recommended", "both"], default=None,
-                    help="DP settings to sweep (quick: recommended; full: both)")
+    ap.add_argument("--quick", action="store_true", help="fashion-mnist-mini only (about 15 minutes on 2 cores)")
     ap.add_argument("--rounds", type=int, default=None, help="override federation.rounds (default: 20)")
-    ap.add_argument("--diagnose", action="store_true", help="phase-level diagnosis at epsilon 8 instead of the sweep")
-    ap.add_argument("--variants", default=None, help=f"--diagnose variants: {', '.join(DIAGNOSE_VARIANTS)}")
+    ap.add_argument("--ablate", action="store_true", help="epsilon-8 ablation of the DP design choices instead")
+    ap.add_argument("--variants", default=None, help=f"--ablate variants (comma-separated): {', '.join(ABLATIONS)}")
+    ap.add_argument("--with-non-private", action="store_true", help="--ablate: also run each variant without DP")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--runs", type=Path, default=None, help="where the sweeps' run directories go (default: a temp dir)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if args.diagnose:
-        run_diagnose(args)
+    if args.ablate:
+        run_ablation(args)
         return
     mode_name = "quick" if args.quick else "full"
     mode = MODES[mode_name]
-    settings = mode["settings"] if args.settings is None else (
-        ["default", "recommended"] if args.settings == "both" else [args.settings])
+    settings = mode["settings"]
     runs_root = args.runs or Path(tempfile.mkdtemp(prefix="secure-dfml-dp-utility-"))
     env = _env()
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from secure_dfml.config import DFMLConfig
 from secure_dfml.protocol.losses import JointModel, kl_to_peers, mutual_learning_loss, wsm_loss
-from secure_dfml.protocol.schedule import alpha_at, is_peak
+from secure_dfml.protocol.schedule import alpha_at, is_peak, lr_at
 from secure_dfml.protocol.selection import select_groups, select_key_holder
 
 
@@ -78,6 +78,16 @@ def test_alpha_cycles_between_min_and_max_with_peaks(schedule):
 def test_period_one_is_always_peak():
     cfg = DFMLConfig(alpha_min=0.0, alpha_max=0.5, period=1)
     assert all(is_peak(t, cfg) and alpha_at(t, cfg) == 0.5 for t in range(4))
+
+
+def test_lr_schedule_decays_from_lr_to_the_floor():
+    const = DFMLConfig(lr=0.1)
+    assert all(lr_at(t, 20, const) == 0.1 for t in range(20))
+    cos = DFMLConfig(lr=0.1, lr_schedule="cosine", lr_floor=0.1)
+    lrs = [lr_at(t, 20, cos) for t in range(20)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.01)
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert lr_at(0, 1, cos) == pytest.approx(0.1) and lr_at(99, 20, cos) == pytest.approx(0.01)
 
 
 def test_wsm_with_uniform_prior_equals_cross_entropy():

@@ -791,6 +791,7 @@ def run_dp_sgd(
     mode: str,
     randomness: Randomness,
     clip_groups: ClipGroups | None = None,
+    lr: float | None = None,
 ) -> PhaseResult:
     """Run ``steps`` DP-SGD steps of ``module`` on (x, y) with Poisson sampling at
     ``sample_rate`` (expected batch ``sample_rate * n``).  The module is
@@ -801,7 +802,7 @@ def run_dp_sgd(
     params = [p for p in module.parameters() if p.requires_grad]
     with DPSGDSession(
         module,
-        make_optimizer(params, optim_cfg),
+        make_optimizer(params, optim_cfg, lr=lr),
         loss_fn=loss_fn,
         batch_dim=batch_dim,
         noise_multiplier=noise_multiplier,

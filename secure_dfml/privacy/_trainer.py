@@ -59,6 +59,7 @@ from secure_dfml.privacy._validate import validate_model
 from secure_dfml.protocol._interfaces import PeerState, PhaseReport, Trainer
 from secure_dfml.protocol._train import PlainTrainer
 from secure_dfml.protocol.losses import JointModel, mutual_learning_loss
+from secure_dfml.protocol.schedule import lr_at
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +248,7 @@ class DPTrainer:
             noise_multiplier=mech.noise_multiplier,
             max_grad_norm=self._budgets[peer.peer_id].max_grad_norm,
             optim_cfg=self.cfg.dfml,
+            lr=lr_at(round_index, self.cfg.federation.rounds, self.cfg.dfml),
             mode=self.cfg.privacy.grad_sample_mode,
             randomness=self._rng[peer.peer_id],
             clip_groups=clip_groups,
@@ -355,5 +357,5 @@ def build_trainer(
     """``PlainTrainer`` when ``cfg.privacy.enabled`` is false, else a :class:`DPTrainer`
     (validated, planned and with ledgers under ``ledger_dir``) -- all before training."""
     if not cfg.privacy.enabled:
-        return PlainTrainer(cfg.dfml)
+        return PlainTrainer(cfg.dfml, rounds=cfg.federation.rounds)
     return DPTrainer(cfg, peers, ledger_dir=ledger_dir, generator=generator)

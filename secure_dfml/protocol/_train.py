@@ -12,6 +12,7 @@ from torch import nn
 from secure_dfml.config import DFMLConfig
 from secure_dfml.protocol._interfaces import PeerState, PhaseReport
 from secure_dfml.protocol.losses import JointModel, mutual_learning_loss
+from secure_dfml.protocol.schedule import lr_at
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -21,8 +22,13 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Ite
         yield order[start : start + batch_size]
 
 
-def make_optimizer(params: Sequence[nn.Parameter] | Iterator[nn.Parameter], cfg: DFMLConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(list(params), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def make_optimizer(
+    params: Sequence[nn.Parameter] | Iterator[nn.Parameter], cfg: DFMLConfig, *, lr: float | None = None
+) -> torch.optim.Optimizer:
+    """SGD with ``cfg``'s momentum and weight decay at ``lr`` (default ``cfg.lr``)."""
+    return torch.optim.SGD(
+        list(params), lr=cfg.lr if lr is None else lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
 
 
 def empirical_class_prior(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -35,8 +41,9 @@ class PlainTrainer:
 
     private = False
 
-    def __init__(self, cfg: DFMLConfig, *, use_wsm: bool = True) -> None:
+    def __init__(self, cfg: DFMLConfig, *, rounds: int = 1, use_wsm: bool = True) -> None:
         self.cfg = cfg
+        self.rounds = rounds
         self.use_wsm = use_wsm
 
     def _sgd(
@@ -45,10 +52,11 @@ class PlainTrainer:
         peer: PeerState,
         epochs: int,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        round_index: int,
     ) -> PhaseReport:
         """``epochs`` of shuffled mini-batch SGD of ``module`` on ``peer``'s training data."""
         module.train()
-        opt = make_optimizer(module.parameters(), self.cfg)
+        opt = make_optimizer(module.parameters(), self.cfg, lr=lr_at(round_index, self.rounds, self.cfg))
         steps, compute = 0, 0.0
         for _ in range(epochs):
             for idx in shuffled_batches(peer.num_train, self.cfg.batch_size, peer.generator):
@@ -63,7 +71,7 @@ class PlainTrainer:
     def local_train(self, peer: PeerState, *, epochs: int, round_index: int) -> PhaseReport:
         if epochs <= 0:
             return PhaseReport(ran=False, reason="no local epochs configured")
-        return self._sgd(peer.model, peer, epochs, F.cross_entropy)
+        return self._sgd(peer.model, peer, epochs, F.cross_entropy, round_index)
 
     def mutual_train(
         self,
@@ -84,7 +92,7 @@ class PlainTrainer:
                 list(logits.unbind(0)), y, alpha=alpha, temperature=temperature, class_prior=class_prior
             )
 
-        return self._sgd(JointModel(models), aggregator, epochs, loss_fn)
+        return self._sgd(JointModel(models), aggregator, epochs, loss_fn, round_index)
 
     def class_prior(self, peer: PeerState, *, round_index: int) -> torch.Tensor:
         if not self.use_wsm:

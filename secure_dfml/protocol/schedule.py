@@ -28,3 +28,19 @@ def alpha_at(t: int, cfg: DFMLConfig) -> float:
 def is_peak(t: int, cfg: DFMLConfig) -> bool:
     """Peak rounds are the rounds where alpha_t reaches alpha_max (the last round of each cycle)."""
     return t % cfg.period == cfg.period - 1
+
+
+_LR_SHAPES: dict[str, Callable[[float], float]] = {
+    "constant": lambda p: 1.0,
+    "cosine": lambda p: (1 + math.cos(math.pi * p)) / 2,
+}
+
+
+def lr_at(t: int, rounds: int, cfg: DFMLConfig) -> float:
+    """Learning rate of round ``t`` of ``rounds``: ``lr`` throughout ("constant"), or
+    decayed from ``lr`` at the first round to ``lr_floor * lr`` at the last ("cosine").
+
+    Decay matters most under DP: clipped per-sample gradients do not shrink as
+    the loss falls, so a constant step keeps the models swinging late in a run."""
+    p = 0.0 if rounds <= 1 else min(max(t, 0), rounds - 1) / (rounds - 1)
+    return cfg.lr * (cfg.lr_floor + (1 - cfg.lr_floor) * _LR_SHAPES[cfg.lr_schedule](p))
