@@ -240,7 +240,7 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "joint-clipping": {"privacy": {"clipping": "joint"}},
     "expected-plan": {"privacy": {"plan_on": "expected"}},  # noise for the expected, not the public, schedule
     "ml2": {"dfml": {"ml_epochs": 2}},
-    "batch64": {"dfml": {"batch_size": 64}},
+    "constant-lr": {"dfml": {"lr_schedule": "constant"}},
     "large-models": {"models": {"mix": ("cnn-small", "mlp", "resnet-gn", "cnn-wide")}},
     # the built-in run of the previous release: large models, batch 32, lr 0.02, 2 ML epochs, 10k
     # images, uniform prior, joint clipping, expected-participation plan

@@ -65,6 +65,7 @@ from secure_dfml.privacy._accounting import (
     steps_per_epoch,
 )
 from secure_dfml.privacy._errors import PrivacyValidationError
+from secure_dfml.protocol.strategies import public_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +266,7 @@ class PeerPlan:
         return Mechanism(self.prior_noise_multiplier, 1.0, 1)
 
 
-def prior_noise_for(budget: PeerBudget, *, accountant: str, fraction: float = DEFAULT_PRIOR_FRACTION) -> float:
+def prior_noise_for(budget: PeerBudget, *, fraction: float = DEFAULT_PRIOR_FRACTION) -> float:
     """Noise multiplier of the DP class-histogram release (L2 sensitivity 1),
     calibrated in closed form by the classic Gaussian mechanism for
     ``fraction * epsilon``: ``sigma = sqrt(2 ln(1.25 / delta)) / (fraction * epsilon)``
@@ -275,7 +276,6 @@ def prior_noise_for(budget: PeerBudget, *, accountant: str, fraction: float = DE
     A search with the accountant alone is not used: RDP over Opacus' orders
     cannot certify a single release below epsilon ~0.2, which would refuse
     budgets of epsilon <= 2."""
-    del accountant  # the calibration is accountant-free (see above)
     if budget.epsilon is None:
         return 20.0
     if not 0 < fraction < 1:
@@ -303,8 +303,6 @@ def expected_phases(cfg: RunConfig) -> PhaseCount:
 
 def scheduled_phases(cfg: RunConfig, num_peers: int) -> list[PhaseCount]:
     """Per peer, its phases on the public schedule (derived from public values only)."""
-    from secure_dfml.protocol.strategies import public_schedule  # the protocol layer imports privacy lazily
-
     counts = [[0, 0, 0] for _ in range(num_peers)]
     for round_phases in public_schedule(cfg, num_peers):
         for peer, phase, epochs in round_phases:
@@ -339,7 +337,7 @@ def plan_peer(
     total_steps = math.ceil(epochs * k - 1e-9) if epochs > 0 else 0
 
     prior_sigma = (
-        prior_noise_for(budget, accountant=acc, fraction=prior_fraction)
+        prior_noise_for(budget, fraction=prior_fraction)
         if cfg.privacy.class_prior == "dp" and mutual_phases > 0  # released by aggregators only
         else None
     )
