@@ -191,3 +191,28 @@ def test_schedule_plan_spends_each_budget_without_refusals_in_a_run(tmp_path: Pa
             assert 2.0 * 0.98 <= entry["epsilon_spent"] <= 2.0  # spent exactly by its last phase
         else:
             assert entry["epsilon_spent"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "algorithm, mix",
+    [("dfml", ["mlp", "cnn-small"]), ("def-kt", ["mlp", "cnn-small"]), ("local", ["mlp"]), ("gossip-avg", ["mlp"])],
+)
+def test_public_schedule_is_exactly_what_the_engine_runs(tmp_path: Path, algorithm: str, mix: list[str]) -> None:
+    cfg = config_from_dict(
+        {
+            "federation": {"peers": 5, "participants": 4, "groups": 2, "rounds": 3, "algorithm": algorithm},
+            "data": {"name": "digits", "auditor_pool": 100},
+            "models": {"mix": mix},
+            "dfml": {"ml_epochs": 1, "local_epochs": 1, "batch_size": 128},
+            "privacy": {"enabled": True, "epsilon": 4.0, "class_prior": "uniform"},
+        }
+    )
+    run_federation(cfg, tmp_path / "run", plot=False)
+    ran = sorted(
+        (e["round"], int(path.stem.split("_")[1]), e["phase"])
+        for path in (tmp_path / "run" / "ledgers").glob("peer_*.json")
+        for e in json.loads(path.read_text())["entries"]
+    )
+    planned = sorted((t, peer, phase) for t, rnd in enumerate(public_schedule(cfg, 5)) for peer, phase, _ in rnd)
+    assert ran == planned
