@@ -241,6 +241,8 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "expected-plan": {"privacy": {"plan_on": "expected"}},  # noise for the expected, not the public, schedule
     "ml2": {"dfml": {"ml_epochs": 2}},
     "constant-lr": {"dfml": {"lr_schedule": "constant"}},
+    # clipping with (almost) no noise and no budget: how much of the cost is clipping, not noise
+    "clip-only": {"privacy": {"epsilon": None, "noise_multiplier": 0.001}},
     "large-models": {"models": {"mix": ("cnn-small", "mlp", "resnet-gn", "cnn-wide")}},
     # the built-in run of the previous release: large models, batch 32, lr 0.02, 2 ML epochs, 10k
     # images, uniform prior, joint clipping, expected-participation plan
@@ -274,23 +276,34 @@ def _run_one(cfg: Any, runs_root: Path, name: str) -> dict[str, Any]:
 
 def run_ablation(args: argparse.Namespace) -> None:
     runs_root = args.runs or Path(tempfile.mkdtemp(prefix="secure-dfml-dp-ablation-"))
-    out: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "env": _env(), "epsilon": 8.0, "variants": {}}
+    json_path = args.out / "dp_utility_ablation.json"
+    # rows of earlier invocations are kept (re-running some --variants updates just those)
+    earlier = json.loads(json_path.read_text()) if json_path.exists() else {}
+    before = earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
+    out: dict[str, Any] = {"commands": [*before, "python " + " ".join(sys.argv)],
+                           "env": _env(), "epsilon": 8.0, "variants": earlier.get("variants", {})}
     names = args.variants.split(",") if args.variants else list(ABLATIONS)
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown}; choose from {', '.join(ABLATIONS)}")
     for name in names:
         for private in (True, False) if name == "built-in" or args.with_non_private else (True,):
             cfg = make_config("fashion-mnist-mini", {}, "built-in", rounds=args.rounds)
+            cfg = cfg.replace(privacy={"epsilon": 8.0})
             for section, values in ABLATIONS[name].items():
                 cfg = cfg.replace(**{section: values})
-            cfg = cfg.replace(privacy={"enabled": private, "epsilon": 8.0})
+            if not private:
+                cfg = cfg.replace(privacy={"enabled": False})
             entry = {"overrides": ABLATIONS[name], "private": private, **_run_one(cfg, runs_root, f"{name}-{private}")}
             print(f"{name} private={private}: final {entry['final_global_acc']:.3f}", file=sys.stderr, flush=True)
             out["variants"][f"{name} | {'epsilon 8' if private else 'non-private'}"] = entry
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dp_utility_ablation.json").write_text(json.dumps(out, indent=2))
+            args.out.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(out, indent=2))  # after every run: an interruption loses one run
     lines = [
         "# DP utility ablation at epsilon 8 (fashion-mnist-mini, built-in federation)",
         "",
-        f"Command: `{out['command']}`; load average {out['env']['load_average']} at start.  ",
+        "Commands: " + "; ".join(f"`{c}`" for c in out["commands"]) + f" (load average {out['env']['load_average']} "
+        "at the start of the last).  ",
         "Each row undoes one choice of the built-in configuration (same seed, split and budget).",
         "",
         "| variant | run | final global % | last-5 mean % | best % | phases refused | eps spent (min-max) | seconds |",
