@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from secure_dfml.cli.main import app
@@ -66,3 +68,19 @@ def test_bad_input_gives_a_clear_error_and_exit_code(tmp_path):
     assert result.exit_code == 2 and "dfml.alpha_max" in result.output
     result = runner.invoke(app, ["run", "--config", str(tmp_path / "missing.toml")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+@pytest.mark.slow
+def test_built_in_run_is_private_and_reports_the_cost_of_privacy(tmp_path):
+    # the README's first command, shortened to 3 rounds: no config, DP on, non-private twin
+    out = tmp_path / "builtin"
+    result = runner.invoke(app, ["run", "--rounds", "3", "--out", str(out), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["dataset"] == "fashion-mnist-mini"
+    peers = summary["peers"].values()
+    assert all(0 < p["epsilon_spent"] <= p["epsilon_target"] == 8.0 for p in peers if p.get("epsilon_spent"))
+    assert any(p.get("epsilon_spent") for p in peers)
+    twin = summary["non_private_twin"]
+    assert 0.0 < summary["mean_global_acc"] <= 1.0 and 0.0 < twin["mean_global_acc"] <= 1.0
+    assert (out / "ledgers").is_dir()
