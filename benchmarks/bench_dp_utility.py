@@ -13,7 +13,7 @@ the same configuration with ``privacy.enabled = false``.
 Target: at epsilon 8, within 5 points of non-private (same settings).
 
     python benchmarks/bench_dp_utility.py --quick        # fashion-mnist-mini (bundled, 20k images; ~15 min)
-    python benchmarks/bench_dp_utility.py                # + the real Fashion-MNIST (../shared/data, 28x28)
+    python benchmarks/bench_dp_utility.py                # + the real Fashion-MNIST (../shared/data, 28x28; ~2 h here)
     python benchmarks/bench_dp_utility.py --ablate       # epsilon 8: what each DP design choice is worth
 
 Writes benchmarks/results/dp_utility.{json,md,png} (``--ablate``:
@@ -299,6 +299,12 @@ def run_ablation(args: argparse.Namespace) -> None:
             out["variants"][f"{name} | {'epsilon 8' if private else 'non-private'}"] = entry
             args.out.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(out, indent=2))  # after every run: an interruption loses one run
+    md = render_ablation_md(out)
+    (args.out / "dp_utility_ablation.md").write_text(md)
+    print(md)
+
+
+def render_ablation_md(out: dict[str, Any]) -> str:
     lines = [
         "# DP utility ablation at epsilon 8 (fashion-mnist-mini, built-in federation)",
         "",
@@ -318,8 +324,7 @@ def run_ablation(args: argparse.Namespace) -> None:
             f"{'-' if not mm else f'{mm[0]:.2f}-{mm[1]:.2f}'} | {e['seconds']:.0f} |"
         )
     lines.append("")
-    (args.out / "dp_utility_ablation.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main() -> None:
