@@ -13,7 +13,7 @@ the same configuration with ``privacy.enabled = false``.
 Target: at epsilon 8, within 5 points of non-private (same settings).
 
     python benchmarks/bench_dp_utility.py --quick        # fashion-mnist-mini (bundled, 20k images; ~15 min)
-    python benchmarks/bench_dp_utility.py                # + the real Fashion-MNIST (../shared/data, 28x28; ~2 h here)
+    python benchmarks/bench_dp_utility.py                # + the real Fashion-MNIST (../shared/data, 60k 28x28; not run for this release)
     python benchmarks/bench_dp_utility.py --ablate       # epsilon 8: what each DP design choice is worth
 
 Writes benchmarks/results/dp_utility.{json,md,png} (``--ablate``:
