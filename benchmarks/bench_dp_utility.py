@@ -244,11 +244,11 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     # clipping with (almost) no noise and no budget: how much of the cost is clipping, not noise
     "clip-only": {"privacy": {"epsilon": None, "noise_multiplier": 0.001}},
     "large-models": {"models": {"mix": ("cnn-small", "mlp", "resnet-gn", "cnn-wide")}},
-    # the built-in run of the previous release: large models, batch 32, lr 0.02, 2 ML epochs, 10k
-    # images, uniform prior, joint clipping, expected-participation plan
+    # the built-in run of the previous release: large models, batch 32, constant lr 0.02, 2 ML epochs,
+    # 10k images, uniform prior, joint clipping, expected-participation plan
     "previous": {
         "models": {"mix": ("cnn-small", "mlp", "resnet-gn", "cnn-wide")},
-        "dfml": {"batch_size": 32, "lr": 0.02, "ml_epochs": 2},
+        "dfml": {"batch_size": 32, "lr": 0.02, "lr_schedule": "constant", "ml_epochs": 2},
         "data": {"max_train_samples": 10_000},
         "privacy": {"class_prior": "uniform", "clipping": "joint", "plan_on": "expected"},
     },
@@ -296,7 +296,8 @@ def run_ablation(args: argparse.Namespace) -> None:
                 cfg = cfg.replace(privacy={"enabled": False})
             entry = {"overrides": ABLATIONS[name], "private": private, **_run_one(cfg, runs_root, f"{name}-{private}")}
             print(f"{name} private={private}: final {entry['final_global_acc']:.3f}", file=sys.stderr, flush=True)
-            out["variants"][f"{name} | {'epsilon 8' if private else 'non-private'}"] = entry
+            run = "non-private" if not private else "epsilon 8" if cfg.privacy.epsilon else "no budget, sigma 0.001"
+            out["variants"][f"{name} | {run}"] = entry
             args.out.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(out, indent=2))  # after every run: an interruption loses one run
     md = render_ablation_md(out)

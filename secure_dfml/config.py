@@ -431,10 +431,10 @@ def dump_toml(cfg: RunConfig) -> str:
     return "\n".join(lines)
 
 
-#: The built-in federation's architectures: three small, heterogeneous models.
-#: Under DP the noise a step adds grows with the parameter count, so the
-#: built-in run uses ~2k-13k-parameter models (the large ones of the zoo lost
-#: ~25 more points at epsilon 8; benchmarks/results/dp_utility.md).
+#: The built-in federation's architectures: three small, heterogeneous models
+#: (~2k-13k parameters).  Under DP the noise a step adds grows with the parameter
+#: count; the zoo's large models scored 2.8 points lower at epsilon 8 and made
+#: the run ~6x slower (benchmarks/results/dp_utility_ablation.md).
 BUILT_IN_MIX: tuple[str, ...] = ("cnn-small", "mlp-small", "cnn-tiny")
 
 
