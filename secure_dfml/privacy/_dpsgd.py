@@ -556,7 +556,9 @@ class _BookKeepingModule(GradSampleModule):
             return c
 
         for m, a, g in linear_data:
-            c = coef_of(m.weight)
+            if not (m.weight.requires_grad or (m.bias is not None and m.bias.requires_grad)):
+                continue
+            c = coef_of(m.weight if m.weight.requires_grad else m.bias)
             cg = g * c.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
             if m.weight.requires_grad:
                 m.weight.grad = cg.reshape(-1, cg.shape[-1]).t().mm(a.reshape(-1, a.shape[-1])).to(m.weight.dtype)
