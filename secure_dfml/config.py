@@ -445,9 +445,9 @@ def default_config() -> RunConfig:
     part in 2 groups of 5; models travel in NaCl envelopes; DP-SGD with a budget
     of (epsilon 8, delta 1e-5) per peer (secure by default: privacy is on).
 
-    Training settings are tuned for DP at epsilon 8 (batch 256, lr 0.1 decayed
-    by a cosine over the rounds, 8 mutual-learning epochs per aggregation; see benchmarks/results/dp_utility.md
-    for the sweep that chose them)."""
+    Training settings are tuned for DP at epsilon 8: batch 256, lr 0.1 decayed
+    by a cosine over the rounds, 8 mutual-learning epochs per aggregation
+    (benchmarks/results/dp_utility.md and dp_utility_ablation.md)."""
     return RunConfig(
         federation=FederationConfig(rounds=20, participants=10, groups=2),
         data=DataConfig(name="fashion-mnist-mini"),

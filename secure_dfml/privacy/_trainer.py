@@ -112,7 +112,6 @@ class DPTrainer:
             plan.peer_id: plan
             for plan in plan_all(cfg, [self._budgets[i] for i in sorted(ids)], prior_fraction=prior_fraction)
         }
-        plans = self._plans
         # 3. ledgers (resumed if present: spent budget is never reset)
         self._ledgers: dict[int, PrivacyLedger] = {}
         for pid, b in self._budgets.items():
@@ -146,7 +145,7 @@ class DPTrainer:
         self._last_mode: dict[int, str] = {}
         if not self.secure_mode:
             logger.warning("differential privacy runs in %s mode", RESEARCH_GRADE_LABEL)
-        for pid, plan in plans.items():
+        for pid, plan in self._plans.items():
             logger.info(
                 "peer %d: target epsilon %s at delta %.3g, noise multiplier %s (%s), q = %.4g",
                 pid,
