@@ -107,3 +107,13 @@ def test_built_in_default_is_private_and_encrypted():
     assert cfg.privacy.enabled and cfg.privacy.epsilon == 8.0 and cfg.privacy.delta == 1e-5
     assert cfg.crypto.channel == "nacl" and not cfg.crypto.allow_insecure
     assert cfg.federation.peers == 10 and len(set(cfg.models.mix or ("cnn-small", "mlp", "resnet-gn", "cnn-wide"))) >= 3
+
+
+def test_readme_config_example_is_valid():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = text.index("```toml") + len("```toml")
+    block = text[start : text.index("```", start)]
+    cfg = config_from_dict(tomllib.loads(block))
+    assert cfg.privacy.enabled and cfg.privacy.peers["3"].epsilon == 2.0
