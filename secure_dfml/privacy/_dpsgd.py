@@ -372,20 +372,29 @@ class _BKConv2d(torch.autograd.Function):
         ctx.store.append((x.detach(), grad_out.detach() * x.shape[0]))
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad_out,
-                x,
-                weight,
-                None,
-                list(m.stride),
-                list(m.padding),  # type: ignore[arg-type]
-                list(m.dilation),
-                False,
-                [0, 0],
-                m.groups,
-                [True, False, False],
-            )[0]
+            grad_x = _conv_backward(m, grad_out, x, weight, groups=m.groups, want_input=True)
         return grad_x, None, None, None, None
+
+
+def _conv_backward(
+    m: nn.Conv2d, grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *, groups: int, want_input: bool
+) -> torch.Tensor:
+    """One ``convolution_backward`` with ``m``'s stride / padding / dilation: the
+    input gradient (``want_input``) or the weight gradient, never the bias."""
+    grads = torch.ops.aten.convolution_backward(
+        grad_out,
+        x,
+        weight,
+        None,
+        list(m.stride),
+        list(m.padding),  # type: ignore[arg-type]
+        list(m.dilation),
+        False,
+        [0, 0],
+        groups,
+        [want_input, not want_input, False],
+    )
+    return grads[0] if want_input else grads[1]
 
 
 def _bk_conv_forward(module: nn.Conv2d, store: list) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -412,19 +421,14 @@ def conv2d_per_sample_grads(m: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> d
             out[m.weight] = compute_conv_grad_sample(m, [x], g)[m.weight]
         else:
             w_shape = (b * m.out_channels, m.in_channels // m.groups, *m.kernel_size)
-            gw = torch.ops.aten.convolution_backward(
+            gw = _conv_backward(
+                m,
                 g.reshape(1, b * m.out_channels, *g.shape[2:]),
                 x.reshape(1, b * m.in_channels, *x.shape[2:]),
                 m.weight.new_empty(w_shape),  # only its shape is read for the weight gradient
-                None,
-                list(m.stride),
-                list(m.padding),  # type: ignore[arg-type]
-                list(m.dilation),
-                False,
-                [0, 0],
-                b * m.groups,
-                [False, True, False],
-            )[1]
+                groups=b * m.groups,
+                want_input=False,
+            )
             out[m.weight] = gw.view(b, *m.weight.shape)
     if m.bias is not None and m.bias.requires_grad:
         out[m.bias] = g.sum(dim=(2, 3))
