@@ -51,6 +51,7 @@ that would exceed the budget.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -425,7 +426,7 @@ def plan_all(
         key = (budget.num_train, budget.epsilon, budget.delta, budget.max_grad_norm, budget.noise_multiplier, ph)
         hit = cache.get(key)
         if hit is not None:
-            plan = PeerPlan(**{**hit.to_dict(), "peer_id": budget.peer_id})  # type: ignore[arg-type]
+            plan = dataclasses.replace(hit, peer_id=budget.peer_id)
         else:
             plan = plan_peer(cfg, budget, phases=ph, prior_fraction=prior_fraction)
             cache[key] = plan

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secure_dfml.config import RunConfig
-from secure_dfml.privacy._accounting import Mechanism, sample_rate_for, steps_per_epoch
+from secure_dfml.privacy._accounting import Mechanism
 from secure_dfml.privacy._dpsgd import Randomness, resolve_grad_sample_mode, run_dp_sgd
 from secure_dfml.privacy._errors import BudgetExceededError, PrivacyValidationError
 from secure_dfml.privacy._ledger import PrivacyLedger, ledger_path
@@ -207,11 +207,12 @@ class DPTrainer:
         return out
 
     def _mechanism(self, peer: PeerState, epochs: int) -> Mechanism | None:
-        sigma = self._plans[peer.peer_id].noise_multiplier
-        if sigma is None:
+        """The planned mechanism of ``epochs`` epochs on ``peer``'s data (q and steps
+        per epoch as the planner fixed them for its training-set size)."""
+        plan = self._plans[peer.peer_id]
+        if plan.noise_multiplier is None:
             return None
-        q = sample_rate_for(self.cfg.dfml.batch_size, peer.num_train)
-        return Mechanism(sigma, q, epochs * steps_per_epoch(q))
+        return Mechanism(plan.noise_multiplier, plan.sample_rate, epochs * plan.steps_per_epoch)
 
     # -- Trainer protocol --------------------------------------------------
 
@@ -232,7 +233,7 @@ class DPTrainer:
         gate (recorded in the ledger before training), then train."""
         mech = self._mechanism(peer, epochs)
         if mech is None:
-            return PhaseReport(ran=False, reason="no noise multiplier planned (the expected schedule has no steps)")
+            return PhaseReport(ran=False, reason="no noise multiplier planned (the planned schedule has no steps for this peer)")
         refused = self._admit(peer.peer_id, round_index=round_index, phase=phase, mechanism=mech)
         if refused is not None:
             return PhaseReport(ran=False, reason=refused, extra=self._extra(peer.peer_id))
