@@ -341,6 +341,9 @@ class RoundEngine:
         }
 
 
+DataPhase = tuple[int, str, int]  # (peer whose data is read, "local" | "mutual", epochs)
+
+
 class Strategy:
     """An algorithm on the engine: how a round's groups are chosen and what a
     group does.  Strategies never loop over rounds themselves."""
@@ -353,7 +356,7 @@ class Strategy:
         """The round's groups, from public values only."""
         raise NotImplementedError
 
-    def data_phases(self, group: Group) -> Sequence[tuple[int, str, int]]:
+    def data_phases(self, group: Group) -> Sequence[DataPhase]:
         """(peer, "local" | "mutual", epochs) for each phase of ``group`` that reads
         a peer's private data -- what a privacy planner calibrates noise to."""
         raise NotImplementedError

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from secure_dfml.config import RunConfig
-from secure_dfml.protocol.engine import RoundEngine, Strategy, StrategyFactory, clone_state
+from secure_dfml.protocol.engine import DataPhase, RoundEngine, Strategy, StrategyFactory, clone_state
 from secure_dfml.protocol.selection import Group, select_groups
 
 MODEL = "model"
@@ -49,9 +49,6 @@ def hashed_groups(cfg: RunConfig, num_peers: int, round_index: int) -> tuple[Gro
         participants=f.participants,
         groups=f.groups,
     )
-
-
-DataPhase = tuple[int, str, int]  # (peer whose data is read, "local" | "mutual", epochs)
 
 
 def public_schedule(cfg: RunConfig, num_peers: int) -> list[list[DataPhase]]:
