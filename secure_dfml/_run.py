@@ -58,6 +58,12 @@ def load_federation_data(cfg: RunConfig) -> tuple[ArrayDataset, FederatedSplit]:
     return dataset, split
 
 
+def peer_train_sizes(cfg: RunConfig) -> list[int]:
+    """Training-set size of each peer, from the same data split a run uses."""
+    _dataset, split = load_federation_data(cfg)
+    return [int(len(p.train)) for p in split.peers]
+
+
 def build_federation(
     cfg: RunConfig, *, ledger_dir: Path | None = None, peer_data_hook: PeerDataHook | None = None
 ) -> Federation:

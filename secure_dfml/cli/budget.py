@@ -9,6 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from secure_dfml._run import peer_train_sizes
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
 from secure_dfml.config import RunConfig, load_config
 from secure_dfml.errors import RunDirectoryError
@@ -21,14 +22,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def peer_train_sizes(cfg: RunConfig) -> list[int]:
-    """Training-set size of each peer, from the same data split a run uses."""
-    from secure_dfml._run import load_federation_data
-
-    _dataset, split = load_federation_data(cfg)
-    return [int(len(p.train)) for p in split.peers]
 
 
 def _fmt(x: float | None, spec: str = ".3g") -> str:

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
 from secure_dfml.config import ALGORITHMS, RunConfig, default_config, load_config
+from secure_dfml.privacy import atomic_write_bytes
 
 
 def _pct(v: Any) -> str:
@@ -73,9 +74,7 @@ def add_non_private_baseline(cfg: RunConfig, summary: dict[str, Any], on_round: 
         "seconds_per_round": twin["seconds_per_round"],
     }
     summary["privacy_cost_global_acc"] = twin["mean_global_acc"] - summary["mean_global_acc"]
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    tmp.replace(run_dir / "summary.json")
+    atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode("utf-8"))
     return summary
 
 

@@ -575,7 +575,7 @@ def tune_budgets(
     point's budget (e.g. delta >= 1/n) are raised before anything trains; a
     point that fails while training is recorded as failed and the sweep goes on.
     """
-    from secure_dfml._run import load_federation_data
+    from secure_dfml._run import peer_train_sizes
     from secure_dfml.privacy._planner import resolve_budgets
 
     out = Path(out_dir)
@@ -611,8 +611,7 @@ def tune_budgets(
     # pre-flight: every point's config and budgets, before anything trains
     point_cfgs = [p.apply(cfg) for p in points]
     if any(p.private for p in points):
-        _dataset, split = load_federation_data(cfg)
-        sizes = [int(len(ps.train)) for ps in split.peers]
+        sizes = peer_train_sizes(cfg)
         for p, pc in zip(points, point_cfgs, strict=True):
             if p.private:
                 try:
