@@ -78,7 +78,8 @@ def run_canary_audit(
     canary audit's folder (then it is replaced only once this one succeeds).
     """
     from secure_dfml._run import build_federation
-    from secure_dfml.audit._rundir import _jsonable, _utc_now, rebuild_federation, staging_dir, write_output_dir
+    from secure_dfml._jsonutil import jsonable, utc_now
+    from secure_dfml.audit._rundir import rebuild_federation, staging_dir, write_output_dir
 
     m = int(canaries_per_peer)
     if m < 2:
@@ -190,7 +191,7 @@ def run_canary_audit(
         results: dict[str, Any] = {
             "format": CANARY_FORMAT,
             "version": 1,
-            "created": _utc_now(),
+            "created": utc_now(),
             "output_dir": str(out),
             "federation": cfg.federation.id,
             "algorithm": cfg.federation.algorithm,
@@ -209,7 +210,7 @@ def run_canary_audit(
         }
         from secure_dfml.config import dump_toml
 
-        text = json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n"
+        text = json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n"
         write_output_dir(out, {"canary.json": text, "canary.md": _markdown(results), "canary.html": _html(results),
                                "config.toml": dump_toml(cfg)}, staging=staging)
     except BaseException:

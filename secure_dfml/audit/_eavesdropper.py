@@ -84,12 +84,12 @@ def analyse_envelopes(
     run_dir: Path, cfg: Any, tm: ThreatModel, *, peers: Sequence[int] | None = None
 ) -> tuple[dict[str, Any], str]:
     """The eavesdropper analysis of a run: (results dict, self-contained HTML report)."""
+    from secure_dfml._jsonutil import utc_now
     from secure_dfml.audit._rundir import (
         RESULTS_FORMAT,
         RESULTS_VERSION,
         _load_model,
         _Target,
-        _utc_now,
         html_table,
         rebuild_federation,
         render_simple_html,
@@ -250,7 +250,7 @@ def analyse_envelopes(
     results: dict[str, Any] = {
         "format": RESULTS_FORMAT,
         "version": RESULTS_VERSION,
-        "created": _utc_now(),
+        "created": utc_now(),
         "run_dir": str(run_dir),
         "threat_model": tm.to_dict(),
         "status": "analysed",

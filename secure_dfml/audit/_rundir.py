@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from secure_dfml._jsonutil import jsonable, utc_now
 from secure_dfml.audit._attacks import ATTACKS, get_attack
 from secure_dfml.audit._epsilon import (
     LedgerComparison,
@@ -116,22 +117,6 @@ def resolve_attacks(names: Sequence[str] | None, *, online: bool = False) -> tup
     return tuple(out)
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types; non-finite floats become None (strict JSON)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def write_output_dir(final_dir: Path, files: Mapping[str, str | bytes], *, staging: Path | None = None) -> Path:
@@ -178,8 +163,6 @@ def staging_dir(final_dir: Path) -> Path:
     return tmp
 
 
-def _utc_now() -> str:
-    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -826,7 +809,7 @@ def _base_results(run: _RunDir, tm: ThreatModel, fed: Any, names: Sequence[str],
     return {
         "format": RESULTS_FORMAT,
         "version": RESULTS_VERSION,
-        "created": _utc_now(),
+        "created": utc_now(),
         "run_dir": str(run.path),
         "output_dir": str(out_dir),
         "threat_model": tm.to_dict(),
@@ -852,7 +835,7 @@ def _base_results(run: _RunDir, tm: ThreatModel, fed: Any, names: Sequence[str],
 
 
 def _write(out_dir: Path, results: Mapping[str, Any], report_html: str) -> None:
-    text = json.dumps(_jsonable(results), indent=2, allow_nan=False)
+    text = json.dumps(jsonable(results), indent=2, allow_nan=False)
     write_output_dir(out_dir, {"results.json": text + "\n", "report.html": report_html})
     _LOG.info("wrote %s", out_dir)
 

@@ -62,7 +62,6 @@ data, or account for the sweep as a whole.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import json
 import logging
 import math
@@ -76,6 +75,7 @@ from typing import Any
 
 import numpy as np
 
+from secure_dfml._jsonutil import jsonable, utc_now
 from secure_dfml.config import PeerPrivacyConfig, RunConfig, dump_toml
 from secure_dfml.errors import ConfigError, RunDirectoryError, SecureDFMLError
 from secure_dfml.privacy._ledger import atomic_write_bytes
@@ -352,27 +352,8 @@ TuneProgress = Callable[[TuneEvent], None]
 
 
 # --------------------------------------------------------------------------- the sweep
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    text = json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n"
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -653,7 +634,7 @@ def tune_budgets(
     result: dict[str, Any] = {
         "format": TUNE_FORMAT,
         "version": TUNE_VERSION,
-        "created": _now(),
+        "created": utc_now(),
         "finished": None,
         "out_dir": str(out),
         "federation": cfg.federation.id,
@@ -731,7 +712,7 @@ def tune_budgets(
             if progress is not None:
                 progress(TuneEvent("point_end", i, total, label, entry))
     finally:
-        result["finished"] = _now()
+        result["finished"] = utc_now()
         save()
         if plot:
             try:
