@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from secure_dfml.privacy._tune import _pct
+
 RESULTS = Path(__file__).resolve().parent / "results"
 EPSILONS: list[float] = [1.0, 2.0, 4.0, 8.0, math.inf]
 
@@ -142,10 +144,6 @@ def run_sweeps(mode: dict[str, Any], settings: list[str], runs_root: Path, round
                 r["rounds"] = res["rounds"]
                 r["tune_dir"] = str(out)
     return rows
-
-
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def _describe_federation(data: dict[str, Any]) -> str:
@@ -257,18 +255,18 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
 
 def _run_one(cfg: Any, runs_root: Path, name: str) -> dict[str, Any]:
     from secure_dfml._run import run_federation
+    from secure_dfml.privacy._tune import _phase_counts, _tail_accuracy
 
     records: list[dict[str, Any]] = []
     slug = "".join(c if c.isalnum() else "-" for c in name)[:60]
     t0 = time.perf_counter()
     summary = run_federation(cfg, runs_root / slug, overwrite=True, plot=False, on_round=records.append)
-    refused = sum(1 for r in records for p in r["phases"] if not p["ran"] and "budget" in str(p.get("reason", "")))
     eps = [p.get("epsilon_spent") for p in summary["peers"].values() if p.get("epsilon_spent") is not None]
     return {
         "final_global_acc": summary["mean_global_acc"],
-        "last5_global_acc": float(np.mean([r["mean_global_acc"] for r in records[-5:]])),
+        "last5_global_acc": _tail_accuracy(records),
         "best_global_acc": summary["best_mean_global_acc"],
-        "phases_refused": refused,
+        "phases_refused": _phase_counts(records)["refused"],
         "epsilon_spent_min_max": [min(eps), max(eps)] if eps else None,
         "seconds": time.perf_counter() - t0,
     }

@@ -10,13 +10,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
+from secure_dfml.cli._common import OutputFormat, console, friendly_errors, pct, print_json, setup_logging
 from secure_dfml.config import ALGORITHMS, RunConfig, default_config, load_config
 from secure_dfml.privacy import atomic_write_bytes
-
-
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -28,22 +24,22 @@ def print_summary(summary: dict[str, Any]) -> None:
         table.add_column("epsilon spent / target", justify="right")
         table.add_column("status")
     for pid, p in summary["peers"].items():
-        row = [pid, p["arch"], _pct(p["global_acc"]), _pct(p["local_acc"]), _pct(p.get("peak_global_acc")), _pct(p.get("peak_local_acc"))]
+        row = [pid, p["arch"], pct(p["global_acc"]), pct(p["local_acc"]), pct(p.get("peak_global_acc")), pct(p.get("peak_local_acc"))]
         if has_eps:
             row += [f"{p.get('epsilon_spent', 0):.2f} / {p.get('epsilon_target', float('nan')):.2f}", str(p.get("status", ""))]
         table.add_row(*row)
     table.add_section()
-    mean_row = ["mean", "", _pct(summary["mean_global_acc"]), _pct(summary["mean_local_acc"]),
-                _pct(summary["mean_peak_global_acc"]), _pct(summary["mean_peak_local_acc"])]
+    mean_row = ["mean", "", pct(summary["mean_global_acc"]), pct(summary["mean_local_acc"]),
+                pct(summary["mean_peak_global_acc"]), pct(summary["mean_peak_local_acc"])]
     table.add_row(*(mean_row + (["", ""] if has_eps else [])))
     console.print(table)
     if summary.get("server_global_acc") is not None:
-        console.print(f"central server model global accuracy: {_pct(summary['server_global_acc'])}%")
+        console.print(f"central server model global accuracy: {pct(summary['server_global_acc'])}%")
     console.print(f"privacy: {summary['privacy_label']}")
     if "non_private_twin" in summary:
         twin = summary["non_private_twin"]
         console.print(
-            f"cost of privacy: non-private twin (same seed) reaches {_pct(twin['mean_global_acc'])}% global accuracy, "
+            f"cost of privacy: non-private twin (same seed) reaches {pct(twin['mean_global_acc'])}% global accuracy, "
             f"{100 * summary['privacy_cost_global_acc']:+.1f} points above the DP federation "
             f"({twin['seconds_per_round']:.2f} s/round without DP)"
         )
@@ -119,7 +115,7 @@ def run(
         task = progress.add_task("rounds", total=total, status="building federation")
 
         def on_round(record: dict[str, Any]) -> None:
-            status = f"global {_pct(record['mean_global_acc'])}% local {_pct(record['mean_local_acc'])}%"
+            status = f"global {pct(record['mean_global_acc'])}% local {pct(record['mean_local_acc'])}%"
             eps = [p["epsilon_spent"] for p in record["peers"].values() if "epsilon_spent" in p]
             if eps:
                 status += f" | eps spent max {max(eps):.2f}"

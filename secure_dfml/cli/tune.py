@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from secure_dfml.cli._common import OutputFormat, console, err_console, friendly_errors, print_json, setup_logging
+from secure_dfml.cli._common import OutputFormat, console, err_console, friendly_errors, pct, print_json, setup_logging
 from secure_dfml.config import default_config, load_config
 
 EPSILONS_HELP = (
@@ -17,10 +17,6 @@ EPSILONS_HELP = (
     "a per-peer list cycled over peers by id ('2/4/8': peer 0 -> 2, 1 -> 4, 2 -> 8, 3 -> 2, ...), or explicit "
     "peers ('0=1/3=8'; others keep their configured budget). The non-private baseline always runs."
 )
-
-
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def print_tune_table(result: dict[str, Any]) -> None:
@@ -92,7 +88,7 @@ def tune(
                                 status=f"point {ev.index + 1}/{ev.total}: training")
             elif ev.kind == "round":
                 r = ev.detail
-                status = f"round {r['round'] + 1}/{rounds_total} global {_pct(r.get('mean_global_acc'))}%"
+                status = f"round {r['round'] + 1}/{rounds_total} global {pct(r.get('mean_global_acc'))}%"
                 eps = [p["epsilon_spent"] for p in r.get("peers", {}).values() if "epsilon_spent" in p]
                 if eps:
                     status += f" eps max {max(eps):.2f}"
@@ -103,7 +99,7 @@ def tune(
             elif ev.kind == "point_end":
                 p = ev.detail
                 status = ("FAILED" if p.get("status") == "failed"
-                          else f"done: global {_pct(p.get('mean_global_acc'))}%")
+                          else f"done: global {pct(p.get('mean_global_acc'))}%")
                 progress.update(task, completed=ev.index + 1, status=status)
 
         result = tune_budgets(
