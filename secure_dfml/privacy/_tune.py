@@ -358,13 +358,6 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 
 
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def _tail_accuracy(records: Sequence[Mapping[str, Any]], k: int = TAIL_ROUNDS) -> float | None:
     """Mean global accuracy over the last ``k`` evaluated rounds: DP runs fluctuate
     from round to round, so this is steadier than the final round alone."""
@@ -389,8 +382,8 @@ def _phase_counts(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return counts
 
 
-def _point_from_summary(point: BudgetPoint, cfg: RunConfig, summary: Mapping[str, Any], run_dir: Path,
-                        out_dir: Path) -> dict[str, Any]:
+def _point_from_summary(point: BudgetPoint, cfg: RunConfig, summary: Mapping[str, Any],
+                        records: Sequence[Mapping[str, Any]], run_dir: Path, out_dir: Path) -> dict[str, Any]:
     targets = point.targets(cfg)
     peers: dict[str, Any] = {}
     within = True
@@ -416,7 +409,6 @@ def _point_from_summary(point: BudgetPoint, cfg: RunConfig, summary: Mapping[str
                 honoured = False
         peers[pid] = entry
     globals_ = [p["global_acc"] for p in peers.values() if p.get("global_acc") is not None]
-    records = _read_metrics(run_dir)
     out: dict[str, Any] = {
         **point.to_dict(),
         "private": point.private,
@@ -689,13 +681,16 @@ def tune_budgets(
                                                     progress, i, total, label, out)
             else:
                 t0 = time.perf_counter()
+                records: list[dict[str, Any]] = []
                 try:
-                    def on_round(record: dict[str, Any], _i: int = i, _label: str = label) -> None:
+                    def on_round(record: dict[str, Any], _i: int = i, _label: str = label,
+                                 _records: list[dict[str, Any]] = records) -> None:
+                        _records.append(record)
                         if progress is not None:
                             progress(TuneEvent("round", _i, total, _label, record))
 
                     summary = run_federation_for_tune(pc, run_dir, on_round=on_round, plot=plot)
-                    entry = _point_from_summary(p, pc, summary, run_dir, out)
+                    entry = _point_from_summary(p, pc, summary, records, run_dir, out)
                 except SecureDFMLError as exc:
                     logger.error("sweep point %s failed: %s", label, exc)
                     entry = {**result["points"][i], "status": "failed", "error": str(exc),
