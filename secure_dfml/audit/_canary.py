@@ -35,6 +35,7 @@ import torch
 
 from secure_dfml.audit._epsilon import compare_with_ledger, one_run_audit
 from secure_dfml.audit._rundir import AuditProgress
+from secure_dfml.audit._signals import compute_signals
 from secure_dfml.errors import AuditError
 
 __all__ = ["CANARY_FORMAT", "run_canary_audit"]
@@ -49,16 +50,6 @@ _K_FRACTIONS = (0.1, 0.25, 0.5)
 def _k_grid(m: int) -> tuple[list[int], list[int]]:
     ks = sorted({max(1, int(round(f * m))) for f in _K_FRACTIONS})
     return ks, [0, *ks]
-
-
-@torch.no_grad()
-def _canary_scores(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    was = model.training
-    model.eval()
-    logits = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-    loss = torch.nn.functional.cross_entropy(logits.double(), torch.from_numpy(y.astype(np.int64)), reduction="none")
-    model.train(was)
-    return (-loss).numpy()
 
 
 def run_canary_audit(
@@ -77,9 +68,9 @@ def run_canary_audit(
     not the deployment's). ``out_dir`` must be new, empty, or an earlier
     canary audit's folder (then it is replaced only once this one succeeds).
     """
-    from secure_dfml._run import build_federation
     from secure_dfml._jsonutil import jsonable, utc_now
-    from secure_dfml.audit._rundir import rebuild_federation, staging_dir, write_output_dir
+    from secure_dfml._run import build_federation, load_federation_data
+    from secure_dfml.audit._rundir import staging_dir, write_output_dir
 
     m = int(canaries_per_peer)
     if m < 2:
@@ -90,8 +81,7 @@ def run_canary_audit(
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "canary.json").is_file())):
         raise AuditError(f"{out} already holds other files; choose a new or empty folder for the canary audit")
 
-    probe = rebuild_federation(cfg)  # the same data and split as the real build (deterministic seeds)
-    ds, split = probe.dataset, probe.split
+    ds, split = load_federation_data(cfg)  # the same data and split as the real build (deterministic seeds)
     n_peers = len(split.peers)
     pool = np.asarray(split.auditor_pool, dtype=np.int64)
     need = n_peers * m
@@ -108,7 +98,6 @@ def run_canary_audit(
     y_true = ds.y_train[chosen].astype(np.int64)
     y_can = (y_true + lab_rng.integers(1, ds.num_classes, size=y_true.shape)) % ds.num_classes
     included = inc_rng.random((n_peers, m)) < 0.5
-    del probe
 
     def hook(peer_id: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inc = included[peer_id]
@@ -137,7 +126,7 @@ def run_canary_audit(
         findings_fail: list[str] = []
         fail = False
         for i, p in enumerate(fed.engine.peers):
-            scores = _canary_scores(p.model, x_can[i], y_can[i])
+            scores = compute_signals(p.model, x_can[i], y_can[i]).log_prob  # minus the loss
             status = dict(fed.engine.trainer.peer_status(i)) if private else {}
             delta = float(status.get("delta") or 0.0) if private else 0.0
             res = one_run_audit(scores, included[i], k_pos=k_pos, k_neg=k_neg, confidence=confidence, delta=delta)
