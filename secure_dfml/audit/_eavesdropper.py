@@ -39,8 +39,32 @@ import numpy as np
 import torch
 from scipy import stats
 
+from secure_dfml._jsonutil import utc_now
+from secure_dfml.audit._rundir import (
+    RESULTS_FORMAT,
+    RESULTS_VERSION,
+    _load_model,
+    _Target,
+    html_table,
+    rebuild_federation,
+    render_simple_html,
+)
 from secure_dfml.audit._threat_models import ThreatModel
+from secure_dfml.crypto import (
+    HEADER_BYTES,
+    KeyRing,
+    NaClChannel,
+    PeerDirectory,
+    PeerIdentity,
+    build_channel,
+    decode_state,
+    encode_state,
+    generate_keys,
+    inspect_envelope,
+    schema_of,
+)
 from secure_dfml.errors import AuditError, CryptoError, SecureDFMLError
+from secure_dfml.models import available_models, build_model, count_parameters
 
 __all__ = ["analyse_envelopes", "byte_uniformity_p_value"]
 
@@ -74,8 +98,6 @@ def _attempt(fn: Any) -> dict[str, Any]:
 
 
 def _fresh_model(arch: str, dataset: Any, seed: int) -> torch.nn.Module:
-    from secure_dfml.models import build_model
-
     return build_model(arch, input_shape=dataset.input_shape, num_classes=dataset.num_classes, kind=dataset.kind,
                        generator=torch.Generator().manual_seed(seed))
 
@@ -84,31 +106,6 @@ def analyse_envelopes(
     run_dir: Path, cfg: Any, tm: ThreatModel, *, peers: Sequence[int] | None = None
 ) -> tuple[dict[str, Any], str]:
     """The eavesdropper analysis of a run: (results dict, self-contained HTML report)."""
-    from secure_dfml._jsonutil import utc_now
-    from secure_dfml.audit._rundir import (
-        RESULTS_FORMAT,
-        RESULTS_VERSION,
-        _load_model,
-        _Target,
-        html_table,
-        rebuild_federation,
-        render_simple_html,
-    )
-    from secure_dfml.crypto import (
-        HEADER_BYTES,
-        KeyRing,
-        NaClChannel,
-        PeerDirectory,
-        PeerIdentity,
-        build_channel,
-        decode_state,
-        encode_state,
-        generate_keys,
-        inspect_envelope,
-        schema_of,
-    )
-    from secure_dfml.models import available_models, count_parameters
-
     fed = rebuild_federation(cfg)
     ds = fed.dataset
     archs = [p.arch for p in fed.engine.peers]
@@ -194,7 +191,7 @@ def analyse_envelopes(
             opened_any = True
         envelopes.append(entry)
 
-    sizes = _size_table(cfg, ds, archs, wanted, crypto, fid, n, available_models(ds.kind), count_parameters)
+    sizes = _size_table(cfg, ds, archs, wanted, crypto, fid, n, available_models(ds.kind))
 
     findings: list[str] = []
     if not secure:
@@ -266,13 +263,11 @@ def analyse_envelopes(
         "fail": bool(opened_any),
         "findings": findings,
     }
-    return results, _render(results, tm, html_table, render_simple_html)
+    return results, _render(results, tm)
 
 
 def _size_table(cfg: Any, ds: Any, archs: Sequence[str], wanted: Sequence[int], crypto: Any, fid: str, n: int,
-                zoo: Sequence[str], count_parameters: Any) -> dict[str, Any]:
-    from secure_dfml.crypto import build_channel, encode_state
-
+                zoo: Sequence[str]) -> dict[str, Any]:
     plain_ch, _ = build_channel(dataclasses.replace(crypto, pad_messages=False), federation_id=fid, num_peers=n) \
         if crypto.channel == "nacl" else (None, "")
     pad_ch, _ = build_channel(dataclasses.replace(crypto, pad_messages=True), federation_id=fid, num_peers=n) \
@@ -331,7 +326,7 @@ def _size_table(cfg: Any, ds: Any, archs: Sequence[str], wanted: Sequence[int], 
             "run_pad_messages": cfg.crypto.pad_messages, "_findings": findings}
 
 
-def _render(results: Mapping[str, Any], tm: ThreatModel, html_table: Any, render_simple_html: Any) -> str:
+def _render(results: Mapping[str, Any], tm: ThreatModel) -> str:
     def fmt_p(p: Any) -> str:
         return "—" if p is None else f"{p:.3g}"
 
