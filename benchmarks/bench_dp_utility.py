@@ -138,7 +138,8 @@ def run_sweeps(mode: dict[str, Any], settings: list[str], runs_root: Path, round
                     "train_samples_per_peer": None,
                 })
             rows[-1]["sweep_seconds"] = time.perf_counter() - t0
-            summary = json.loads((out / p["run_dir"] / "summary.json").read_text()) if p["status"] == "done" else {}
+            done = next((q for q in res["points"] if q["status"] == "done"), None)  # same split at every point
+            summary = json.loads((out / done["run_dir"] / "summary.json").read_text()) if done else {}
             for r in rows[-len(res["points"]):]:
                 r["train_samples_per_peer"] = summary.get("train_samples_per_peer")
                 r["rounds"] = res["rounds"]
