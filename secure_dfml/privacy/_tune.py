@@ -133,13 +133,13 @@ class BudgetPoint:
         if kinds != 1:
             raise ConfigError("a sweep point needs exactly one of: epsilon, cycle (per-peer list), per_peer (mapping)")
         if self.epsilon is not None:
-            _check_value(self.epsilon, str(self.epsilon), allow_inf=True)
+            _check_value(self.epsilon, f"sweep point {self.epsilon!r}", allow_inf=True)
         for v in self.cycle:
-            _check_value(v, self.label, allow_inf=False)
+            _check_value(v, f"sweep point {self.label!r}", allow_inf=False)
         for k, v in self.per_peer.items():
             if isinstance(k, bool) or not isinstance(k, int) or k < 0:
                 raise ConfigError(f"per-peer budget key {k!r} is invalid: expected a peer id (an integer >= 0).")
-            _check_value(v, self.label, allow_inf=False)
+            _check_value(v, f"sweep point {self.label!r}", allow_inf=False)
         object.__setattr__(self, "per_peer", dict(sorted(self.per_peer.items())))
 
     @property
@@ -237,14 +237,15 @@ def _num(v: float) -> str:
 
 def _check_value(v: Any, where: str, *, allow_inf: bool) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise ConfigError(f"sweep point {where!r}: epsilon {v!r} is not a number. Accepted: {EPSILONS_SYNTAX}")
+        raise ConfigError(f"{where}: epsilon {v!r} is not a number. Accepted: {EPSILONS_SYNTAX}")
     f = float(v)
     if math.isnan(f) or f <= 0:
-        raise ConfigError(f"sweep point {where!r}: epsilon {v!r} must be > 0. Accepted: {EPSILONS_SYNTAX}")
+        raise ConfigError(f"{where}: epsilon {v!r} must be > 0. Accepted: {EPSILONS_SYNTAX}")
     if math.isinf(f) and not allow_inf:
         raise ConfigError(
-            f"sweep point {where!r}: 'inf' cannot be one peer's budget -- privacy is on or off for the whole "
-            "federation; use a separate 'inf' point for the non-private run."
+            f"{where}: 'inf' cannot be one peer's budget -- privacy is on or off for the whole "
+            "federation; list 'inf' as a point of its own for the non-private run. "
+            f"Accepted: {EPSILONS_SYNTAX}"
         )
 
 
@@ -252,22 +253,13 @@ NON_PRIVATE = BudgetPoint(epsilon=math.inf)
 
 
 def _parse_number(token: str, *, full: str, allow_inf: bool) -> float:
+    where = f"bad epsilon token {token!r} in {full!r}"
     t = token.strip().lower()
-    if t in _INF_WORDS:
-        if not allow_inf:
-            raise ConfigError(
-                f"bad epsilon token {token!r} in {full!r}: 'inf' cannot be one peer's budget (privacy is on or off "
-                f"for the whole federation); list 'inf' as a point of its own. Accepted: {EPSILONS_SYNTAX}"
-            )
-        return math.inf
     try:
-        v = float(t)
+        v = math.inf if t in _INF_WORDS else float(t)
     except ValueError:
-        raise ConfigError(f"bad epsilon token {token!r} in {full!r}: not a number. Accepted: {EPSILONS_SYNTAX}") from None
-    if math.isnan(v) or v <= 0:
-        raise ConfigError(f"bad epsilon token {token!r} in {full!r}: epsilon must be > 0. Accepted: {EPSILONS_SYNTAX}")
-    if math.isinf(v) and not allow_inf:
-        return _parse_number("inf", full=full, allow_inf=False)
+        raise ConfigError(f"{where}: not a number. Accepted: {EPSILONS_SYNTAX}") from None
+    _check_value(v, where, allow_inf=allow_inf)
     return v
 
 
