@@ -82,6 +82,11 @@ def _env() -> dict[str, Any]:
     }
 
 
+def _points(cost: float | None) -> float | None:
+    """An accuracy cost (a fraction) in percentage points."""
+    return None if cost is None else 100 * cost
+
+
 def _per_arch(point: dict[str, Any]) -> dict[str, float]:
     by: dict[str, list[float]] = {}
     for p in point.get("peers", {}).values():
@@ -109,7 +114,6 @@ def run_sweeps(mode: dict[str, Any], settings: list[str], runs_root: Path, round
 
             res = tune_budgets(cfg, epsilons=EPSILONS, out_dir=out, progress=progress, overwrite=True)
             configs[f"{dataset}/{s}"] = res["config"]
-            base = next(p for p in res["points"] if not p["private"])
             for p in res["points"]:
                 rows.append({
                     "dataset": dataset,
@@ -121,11 +125,8 @@ def run_sweeps(mode: dict[str, Any], settings: list[str], runs_root: Path, round
                     "best_mean_global_acc": p.get("best_mean_global_acc"),
                     "last5_mean_global_acc": p.get("mean_global_acc_last5"),
                     "mean_local_acc": p.get("mean_local_acc"),
-                    "gap_to_non_private_points": None if p.get("mean_global_acc") is None
-                    or base.get("mean_global_acc") is None else 100 * (base["mean_global_acc"] - p["mean_global_acc"]),
-                    "gap_last5_points": None if p.get("mean_global_acc_last5") is None
-                    or base.get("mean_global_acc_last5") is None
-                    else 100 * (base["mean_global_acc_last5"] - p["mean_global_acc_last5"]),
+                    "gap_to_non_private_points": _points(p.get("accuracy_cost")),
+                    "gap_last5_points": _points(p.get("accuracy_cost_last5")),
                     "epsilon_spent_max": p.get("epsilon_spent_max"),
                     "within_budget": p.get("within_budget"),
                     "phases_refused": (p.get("phases") or {}).get("refused"),

@@ -208,6 +208,7 @@ def test_failed_point_keeps_the_others_and_resume_reuses_them(tmp_path: Path, fa
     # accuracy cost and overhead against the baseline
     two = next(p for p in res["points"] if p["label"] == "2")
     assert two["accuracy_cost"] == pytest.approx(0.9 - 0.52)
+    assert two["accuracy_cost_last5"] == pytest.approx(0.9 - 0.52)  # the fake runs have one round
     assert two["overhead"]["seconds_per_round"] == pytest.approx(2.0)
     assert two["within_budget"] and two["budgets_honoured"]
 

@@ -434,8 +434,10 @@ def _add_baseline_deltas(points: Sequence[dict[str, Any]]) -> None:
     for p in points:
         if p["status"] != "done" or base is None:
             continue
-        acc, bacc = p.get("mean_global_acc"), base.get("mean_global_acc")
-        p["accuracy_cost"] = None if acc is None or bacc is None else bacc - acc
+        tail = f"mean_global_acc_last{TAIL_ROUNDS}"
+        for key, cost in (("mean_global_acc", "accuracy_cost"), (tail, f"accuracy_cost_last{TAIL_ROUNDS}")):
+            acc, bacc = p.get(key), base.get(key)
+            p[cost] = None if acc is None or bacc is None else bacc - acc
         overhead: dict[str, float | None] = {}
         for key in ("seconds_per_round", "compute_seconds_per_round"):
             a, b = p.get(key), base.get(key)
