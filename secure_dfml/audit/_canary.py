@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from secure_dfml.audit._epsilon import compare_with_ledger, one_run_audit
+from secure_dfml.audit._epsilon import ledger_entry, one_run_audit
 from secure_dfml.audit._rundir import AuditProgress
 from secure_dfml.audit._signals import compute_signals
 from secure_dfml.errors import AuditError
@@ -144,18 +144,15 @@ def run_canary_audit(
                 "included": included[i].astype(int).tolist(),
                 "scores": scores.tolist(),
             }
-            if private and "epsilon_spent" in status:
-                eps = float(status["epsilon_spent"])  # type: ignore[arg-type]
-                cmp = compare_with_ledger(res.epsilon_lower_bound, eps, what=f"peer {i} (canary audit)")
-                entry.update({"ledger_epsilon": eps, "ledger_delta": delta,
-                              "ledger_target": status.get("epsilon_target"), "status": cmp.status,
-                              "message": cmp.message})
+            spent = status.get("epsilon_spent") if private else None
+            ledger, cmp = ledger_entry(res.epsilon_lower_bound, None if spent is None else float(spent),  # type: ignore[arg-type]
+                                       delta, what=f"peer {i} (canary audit)")
+            entry.update(ledger)
+            if cmp is not None:
+                entry["ledger_target"] = status.get("epsilon_target")
                 if cmp.failed:
                     fail = True
                     findings_fail.append("FAIL: " + cmp.message)
-            else:
-                entry.update({"ledger_epsilon": None, "ledger_delta": None, "status": "NON-PRIVATE",
-                              "message": "no differential privacy (epsilon = inf): nothing to compare with"})
             peers_out[str(i)] = entry
 
         lbs = [e["epsilon_lower_bound"] for e in peers_out.values()]

@@ -39,15 +39,14 @@ import numpy as np
 import torch
 from scipy import stats
 
-from secure_dfml._jsonutil import utc_now
 from secure_dfml.audit._rundir import (
-    RESULTS_FORMAT,
-    RESULTS_VERSION,
     _load_model,
     _Target,
     html_table,
     rebuild_federation,
     render_simple_html,
+    results_header,
+    selected_peers,
 )
 from secure_dfml.audit._threat_models import ThreatModel
 from secure_dfml.crypto import (
@@ -110,10 +109,7 @@ def analyse_envelopes(
     ds = fed.dataset
     archs = [p.arch for p in fed.engine.peers]
     n = len(archs)
-    wanted = list(range(n)) if peers is None else sorted(set(peers))
-    bad = [p for p in wanted if not 0 <= p < n]
-    if bad:
-        raise AuditError(f"peers {bad} do not exist; the run has peers 0..{n - 1}")
+    wanted = selected_peers(peers, n)
     mdir = run_dir / "models"
     if not mdir.is_dir():
         raise AuditError(f"{run_dir} has no models/ folder: the eavesdropper analysis seals the peers' final models")
@@ -245,17 +241,8 @@ def analyse_envelopes(
     )
 
     results: dict[str, Any] = {
-        "format": RESULTS_FORMAT,
-        "version": RESULTS_VERSION,
-        "created": utc_now(),
-        "run_dir": str(run_dir),
-        "threat_model": tm.to_dict(),
+        **results_header(run_dir, cfg, tm, fed),
         "status": "analysed",
-        "run": {
-            "federation": fid, "algorithm": cfg.federation.algorithm, "dataset": ds.name, "peers": n,
-            "architectures": archs, "private": bool(cfg.privacy.enabled), "channel": cfg.crypto.channel,
-            "secure_aggregation": cfg.crypto.secure_aggregation, "pad_messages": cfg.crypto.pad_messages,
-        },
         "channel": {"name": channel.name, "secure": secure, "description": description,
                     "keys": "ephemeral (generated for this analysis)"},
         "envelopes": envelopes,

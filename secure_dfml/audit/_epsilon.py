@@ -300,6 +300,23 @@ def compare_with_ledger(lower_bound: float, ledger_epsilon: float, *, what: str 
     )
 
 
+NON_PRIVATE_MESSAGE = "no differential privacy (epsilon = inf): there is no epsilon claim to compare with"
+
+
+def ledger_entry(
+    lower_bound: float, ledger_epsilon: float | None, ledger_delta: float | None, *, what: str
+) -> tuple[dict[str, Any], LedgerComparison | None]:
+    """The report fields comparing ``lower_bound`` with a peer's ledger: ledger
+    epsilon / delta, status (FAIL, CONSISTENT or NON-PRIVATE when there is no
+    ledger epsilon) and message; and the comparison itself (None when non-private)."""
+    if ledger_epsilon is None:
+        return {"ledger_epsilon": None, "ledger_delta": None, "status": "NON-PRIVATE",
+                "message": NON_PRIVATE_MESSAGE}, None
+    cmp = compare_with_ledger(lower_bound, ledger_epsilon, what=what)
+    return {"ledger_epsilon": ledger_epsilon, "ledger_delta": ledger_delta, "status": cmp.status,
+            "message": cmp.message}, cmp
+
+
 def dp_consistency_violations(metrics: AttackMetrics, epsilon: float, delta: float) -> list[str]:
     """FPR levels where even the lower CI end of TPR breaks TPR <= e^eps * FPR + delta."""
     out: list[str] = []

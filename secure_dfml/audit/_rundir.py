@@ -48,9 +48,9 @@ from secure_dfml._jsonutil import jsonable, utc_now
 from secure_dfml.audit._attacks import ATTACKS, get_attack
 from secure_dfml.audit._epsilon import (
     LedgerComparison,
-    compare_with_ledger,
     dp_consistency_violations,
     epsilon_lower_bound_from_scores,
+    ledger_entry,
 )
 from secure_dfml.audit._reference import ReferenceModels, train_reference_models
 from secure_dfml.audit._runner import AuditResult, audit_model
@@ -336,6 +336,16 @@ def _absent_reason_received(cfg: Any, h: Mapping[str, Any], peer: int) -> str:
     return f"no model from peer {peer} reached an aggregator individually (dropped links or rejected messages)"
 
 
+def selected_peers(peers: Sequence[int] | None, n: int) -> list[int]:
+    """The sorted peer ids an audit looks at (all ``n`` when ``peers`` is None);
+    ids outside 0..n-1 are refused."""
+    wanted = list(range(n)) if peers is None else sorted(set(peers))
+    bad = [p for p in wanted if not 0 <= p < n]
+    if bad:
+        raise AuditError(f"peers {bad} do not exist; the run has peers 0..{n - 1}")
+    return wanted
+
+
 def _select_targets(
     run: _RunDir, tm: ThreatModel, fed: Any, peers: Sequence[int] | None
 ) -> tuple[list[_Target], list[dict[str, Any]], str | None]:
@@ -343,10 +353,7 @@ def _select_targets(
     cfg = run.cfg
     archs = [p.arch for p in fed.engine.peers]
     n = len(archs)
-    wanted = set(range(n)) if peers is None else set(peers)
-    bad = sorted(p for p in wanted if not 0 <= p < n)
-    if bad:
-        raise AuditError(f"peers {bad} do not exist; the run has peers 0..{n - 1}")
+    wanted = set(selected_peers(peers, n))
     targets: list[_Target] = []
     skipped: list[dict[str, Any]] = []
     hist = _sender_history(run.records, n)
@@ -719,19 +726,18 @@ def audit_run_dir(
             "tests_corrected_for": tests,
             "delta": delta,
         }
-        if led is not None and led.epsilon is not None:
-            cmp = compare_with_ledger(best["epsilon_lower_bound"], led.epsilon,
-                                      what=f"peer {owner} ({tm.name}, best: {best['attack']} on {best['target']})")
-            checks.append(cmp)
-            entry_o.update({"ledger_epsilon": led.epsilon, "ledger_delta": led.delta, "status": cmp.status,
-                            "message": cmp.message})
-            fail |= cmp.failed
-        elif led is not None:
+        if led is not None and led.epsilon is None:
             entry_o.update({"ledger_epsilon": None, "status": "UNKNOWN",
                             "message": f"ledger unavailable: {led.error}"})
         else:
-            entry_o.update({"ledger_epsilon": None, "status": "NON-PRIVATE",
-                            "message": "no differential privacy: there is no epsilon claim to compare with"})
+            ledger, cmp = ledger_entry(
+                best["epsilon_lower_bound"], None if led is None else led.epsilon, None if led is None else led.delta,
+                what=f"peer {owner} ({tm.name}, best: {best['attack']} on {best['target']})",
+            )
+            entry_o.update(ledger)
+            if cmp is not None:
+                checks.append(cmp)
+                fail |= cmp.failed
         peers_out[str(owner)] = entry_o
     for e in target_entries:
         e.pop("_owner", None)
@@ -803,20 +809,15 @@ def _attacks_for(tm: ThreatModel, attacks: Sequence[str] | None, online: bool) -
     return names
 
 
-def _base_results(run: _RunDir, tm: ThreatModel, fed: Any, names: Sequence[str], k: int, online: bool,
-                  out_dir: Path) -> dict[str, Any]:
-    cfg = run.cfg
+def results_header(run_dir: Path, cfg: Any, tm: ThreatModel, fed: Any) -> dict[str, Any]:
+    """The fields every audit's results.json starts with: format, when, which run
+    and threat model, and the run's federation (peers, data sizes, privacy, channel)."""
     return {
         "format": RESULTS_FORMAT,
         "version": RESULTS_VERSION,
         "created": utc_now(),
-        "run_dir": str(run.path),
-        "output_dir": str(out_dir),
+        "run_dir": str(run_dir),
         "threat_model": tm.to_dict(),
-        "attacks": list(names),
-        "reference_models": k,
-        "online": online,
-        "confidence": None,
         "run": {
             "federation": cfg.federation.id,
             "algorithm": cfg.federation.algorithm,
@@ -831,6 +832,18 @@ def _base_results(run: _RunDir, tm: ThreatModel, fed: Any, names: Sequence[str],
             "secure_aggregation": cfg.crypto.secure_aggregation,
             "pad_messages": cfg.crypto.pad_messages,
         },
+    }
+
+
+def _base_results(run: _RunDir, tm: ThreatModel, fed: Any, names: Sequence[str], k: int, online: bool,
+                  out_dir: Path) -> dict[str, Any]:
+    return {
+        **results_header(run.path, run.cfg, tm, fed),
+        "output_dir": str(out_dir),
+        "attacks": list(names),
+        "reference_models": k,
+        "online": online,
+        "confidence": None,
     }
 
 
