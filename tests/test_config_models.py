@@ -11,6 +11,7 @@ from opacus.validators import ModuleValidator
 from secure_dfml.config import RunConfig, config_from_dict, dump_toml, load_config
 from secure_dfml.errors import ConfigError, ModelError, SecureDFMLError
 from secure_dfml.models import MODEL_REGISTRY, available_models, build_model, resolve_architectures
+from secure_dfml.models._zoo import morlet_bank
 
 
 def test_default_config_round_trips_through_toml():
@@ -117,3 +118,29 @@ def test_readme_config_example_is_valid():
     block = text[start : text.index("```", start)]
     cfg = config_from_dict(tomllib.loads(block))
     assert cfg.privacy.enabled and cfg.privacy.peers["3"].epsilon == 2.0
+
+
+def test_morlet_bank_is_zero_mean_normalised_and_oriented():
+    bank = morlet_bank(2, 8, 11)
+    assert bank.shape == (16, 2, 11, 11)
+    complex_bank = torch.complex(bank[:, 0].double(), bank[:, 1].double())
+    assert complex_bank.sum((1, 2)).abs().max() < 1e-6  # band-pass: no response to a constant image
+    torch.testing.assert_close(complex_bank.abs().sum((1, 2)), torch.ones(16, dtype=torch.float64), rtol=1e-4, atol=0)
+    # vertical stripes at the finest wavelets' frequency excite theta = 0 far more than theta = pi/2
+    stripes = torch.cos(0.75 * torch.pi * torch.arange(14.0)).expand(1, 1, 14, 14)
+    z = torch.nn.functional.conv2d(stripes, bank.reshape(-1, 1, 11, 11)).unflatten(1, (16, 2))
+    energy = (z**2).sum((2, 3, 4))[0]
+    assert energy[0] > 10 * energy[4] and energy[0] == energy[:8].max()
+
+
+@pytest.mark.parametrize("name", ["scatter-linear", "scatter-cnn"])
+def test_scattering_models_train_only_their_head_and_send_no_filters(name):
+    m = build_model(name, input_shape=(1, 14, 14), num_classes=10, kind="image", generator=torch.Generator().manual_seed(0))
+    # the fixed wavelets are neither parameters nor in the state dict (nothing to send, clip or load)
+    assert not any("scatter" in k for k in m.state_dict())
+    assert all(not n.startswith("scatter") for n, _ in m.named_parameters())
+    x = torch.randn(5, 1, 14, 14)
+    other = build_model(name, input_shape=(1, 14, 14), num_classes=10, kind="image", generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(m.scatter(x), other.scatter(x))  # data- and seed-independent features
+    # features are normalised per sample and channel, so a brightness scale changes nothing
+    torch.testing.assert_close(m.scatter(3.0 * x), m.scatter(x), rtol=1e-3, atol=1e-3)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from secure_dfml.errors import ModelError
@@ -93,6 +94,77 @@ class ResNetGN(nn.Module):
         return self.head(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
 
 
+def morlet_bank(scales: int, orientations: int, size: int) -> torch.Tensor:
+    """Zero-mean 2-D Morlet wavelets (as in the scattering transform: sigma 0.8 * 2^j,
+    frequency 3*pi/4 / 2^j, slant 4/L), as ``(scales * orientations, 2, size, size)``
+    real / imaginary kernels, L1-normalised.  Fixed, data-independent filters."""
+    half = size // 2
+    v, u = torch.meshgrid(
+        torch.arange(-half, half + 1, dtype=torch.float64), torch.arange(-half, half + 1, dtype=torch.float64),
+        indexing="ij",
+    )
+    slant = 4.0 / orientations
+    out = []
+    for j in range(scales):
+        sigma, xi = 0.8 * 2**j, 0.75 * math.pi / 2**j
+        for t in range(orientations):
+            theta = math.pi * t / orientations
+            ur = u * math.cos(theta) + v * math.sin(theta)
+            vr = -u * math.sin(theta) + v * math.cos(theta)
+            envelope = torch.exp(-(ur**2 + (vr / slant) ** 2) / (2 * sigma**2))
+            wave = torch.complex(torch.cos(xi * ur), torch.sin(xi * ur))
+            psi = envelope * (wave - (envelope * wave).sum() / envelope.sum())
+            psi = psi / psi.abs().sum()
+            out.append(torch.stack([psi.real, psi.imag]))
+    return torch.stack(out).to(torch.float32)
+
+
+class Scattering(nn.Module):
+    """First-order scattering features |x * psi_{j,theta}| and a low-pass of x,
+    averaged over ``pool`` x ``pool`` cells and normalised per sample and channel.
+
+    The wavelets are fixed (non-persistent buffers, no parameters): nothing here is
+    trained, sent, or clipped.  Hand-crafted features like these let DP-SGD train
+    few parameters on good features (Tramer & Boneh, ICLR 2021)."""
+
+    def __init__(self, channels: int, *, scales: int = 2, orientations: int = 8, pool: int = 7) -> None:
+        super().__init__()
+        size = 2 * math.ceil(3 * 0.8 * 2 ** (scales - 1)) + 1  # +-3 sigma of the widest envelope
+        bank = morlet_bank(scales, orientations, size)  # (S, 2, k, k)
+        weight = bank.reshape(-1, 1, size, size).repeat(channels, 1, 1, 1)  # per input channel
+        self.register_buffer("weight", weight, persistent=False)
+        self.channels, self.filters, self.pad = channels, bank.shape[0], size // 2
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.out_channels = channels * (1 + self.filters)
+        self.norm = nn.GroupNorm(self.out_channels, self.out_channels, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.conv2d(x, self.weight, padding=self.pad, groups=self.channels)  # (B, C*S*2, H, W)
+        z = z.unflatten(1, (self.channels * self.filters, 2))
+        modulus = torch.sqrt((z**2).sum(2) + 1e-8)
+        return self.norm(self.pool(torch.cat([x, modulus], 1)))
+
+
+class ScatterNet(nn.Module):
+    """Fixed scattering features, then a linear head (``widths`` empty) or a small CNN."""
+
+    def __init__(self, channels: int, num_classes: int, widths: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.scatter = Scattering(channels)
+        cin = self.scatter.out_channels
+        blocks: list[nn.Module] = []
+        for w in widths:
+            blocks += [_conv_block(cin, w, min(8, w // 4)), nn.MaxPool2d(2, ceil_mode=True)]
+            cin = w
+        self.features = nn.Sequential(*blocks)
+        with torch.no_grad():
+            width = self.features(torch.zeros(1, self.scatter.out_channels, 7, 7)).numel()
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.features(self.scatter(x)), 1))
+
+
 Builder = Callable[[tuple[int, ...], int], nn.Module]
 
 
@@ -135,6 +207,16 @@ def _cnn_tiny(shape: tuple[int, ...], k: int) -> nn.Module:
     return SmallCNN(shape[0], k, (8, 16))
 
 
+@register("scatter-linear", "image", "fixed scattering features (2 scales x 8 orientations) + linear head: DP-friendly")
+def _scatter_linear(shape: tuple[int, ...], k: int) -> nn.Module:
+    return ScatterNet(shape[0], k)
+
+
+@register("scatter-cnn", "image", "fixed scattering features + one conv layer (16) + linear head: DP-friendly")
+def _scatter_cnn(shape: tuple[int, ...], k: int) -> nn.Module:
+    return ScatterNet(shape[0], k, (16,))
+
+
 @register("cnn-wide", "image", "3 conv layers (32, 64, 128) + GroupNorm, linear head")
 def _cnn_wide(shape: tuple[int, ...], k: int) -> nn.Module:
     return SmallCNN(shape[0], k, (32, 64, 128))
@@ -175,7 +257,7 @@ def _reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
                 fan_in = module.weight[0].numel()
                 bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
                 nn.init.uniform_(module.bias, -bound, bound, generator=generator)
-        elif isinstance(module, nn.GroupNorm):
+        elif isinstance(module, nn.GroupNorm) and module.affine:
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
