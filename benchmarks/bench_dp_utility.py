@@ -2,7 +2,7 @@
 
 Fashion-MNIST, 10 peers, Dirichlet(0.5) non-IID split, heterogeneous models: the
 built-in federation of ``secure-dfml run`` (``secure_dfml.config.default_config``:
-cnn-small / mlp-small / cnn-tiny cycled over peers, 20 rounds, all peers per
+scatter-linear / scatter-cnn / mlp-small cycled over peers, 20 rounds, all peers per
 round in 2 groups, batch 256, lr 0.1, 8 mutual-learning epochs, DP class prior,
 per-model clipping, noise planned on the public schedule).  Each budget is one
 point of :func:`secure_dfml.privacy.tune_budgets` -- the same federation, seed
@@ -244,6 +244,8 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     # clipping with (almost) no noise and no budget: how much of the cost is clipping, not noise
     "clip-only": {"privacy": {"epsilon": None, "noise_multiplier": 0.001}},
     "large-models": {"models": {"mix": ("cnn-small", "mlp", "resnet-gn", "cnn-wide")}},
+    # the previous built-in mix: small models that learn their features end to end, no fixed scattering
+    "learned-features": {"models": {"mix": ("cnn-small", "mlp-small", "cnn-tiny")}},
     # the built-in run of the previous release: large models, batch 32, constant lr 0.02, 2 ML epochs,
     # 10k images, uniform prior, joint clipping, expected-participation plan
     "previous": {
