@@ -137,7 +137,8 @@ class Scattering(nn.Module):
         self.register_buffer("weight", weight, persistent=False)
         self.channels, self.filters, self.pad = channels, bank.shape[0], size // 2
         self.pool = nn.AdaptiveAvgPool2d(pool)
-        self.out_channels = channels * (1 + self.filters)
+        self.out_shape = (channels * (1 + self.filters), pool, pool)
+        self.out_channels = self.out_shape[0]
         self.norm = nn.GroupNorm(self.out_channels, self.out_channels, affine=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +161,7 @@ class ScatterNet(nn.Module):
             cin = w
         self.features = nn.Sequential(*blocks)
         with torch.no_grad():
-            width = self.features(torch.zeros(1, self.scatter.out_channels, 7, 7)).numel()
+            width = self.features(torch.zeros(1, *self.scatter.out_shape)).numel()
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
