@@ -1,11 +1,14 @@
 """DP-SGD overhead per training step on this CPU, per Opacus grad-sample mode.
 
     python benchmarks/bench_dp_overhead.py [--reps 15] [--threads 0] [--out benchmarks/results]
+    # the built-in federation's models and its mutual-learning step, at its input size and batch:
+    python benchmarks/bench_dp_overhead.py --models scatter-linear scatter-cnn mlp-small --joint built-in \
+        --image-size 14 --batch 256 --out benchmarks/results/dp_overhead_builtin
 
-Workloads (Fashion-MNIST-shaped synthetic input, 1x28x28, batch 64): single
-models ``cnn-small`` (GroupNorm CNN), ``mlp``, ``resnet-gn`` and the joint
+Workloads (Fashion-MNIST-shaped synthetic input, 1x28x28 unless --image-size, batch 64 unless
+--batch): single models ``cnn-small`` (GroupNorm CNN), ``mlp``, ``resnet-gn`` and the joint
 mutual-learning step of 2, 3 and 4 models (``JointModel`` + DFML loss, the
-aggregator's step).  For each workload and grad-sample mode (hooks,
+aggregator's step), or the ones named by --models / --joint.  For each workload and grad-sample mode (hooks,
 functorch, ew, ghost):
 
 * correctness: the clipped per-sample gradient sum that the mode produces on
@@ -43,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from secure_dfml.config import BUILT_IN_MIX
 from secure_dfml.models import build_model
 from secure_dfml.privacy import (
     GRAD_SAMPLE_MODES,
@@ -56,7 +60,12 @@ from secure_dfml.protocol.losses import JointModel, mutual_learning_loss
 SHAPE = (1, 28, 28)
 CLASSES = 10
 SINGLE = ("cnn-small", "mlp", "resnet-gn")
-JOINT = {2: ("cnn-small", "mlp"), 3: ("cnn-small", "mlp", "resnet-gn"), 4: ("cnn-small", "mlp", "resnet-gn", "cnn-wide")}
+JOINT = {
+    "2": ("cnn-small", "mlp"),
+    "3": ("cnn-small", "mlp", "resnet-gn"),
+    "4": ("cnn-small", "mlp", "resnet-gn", "cnn-wide"),
+    "built-in": BUILT_IN_MIX,  # the mutual-learning step of `secure-dfml run`
+}
 TOLERANCE = 1e-3
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,6 +73,11 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def make(arch: str, seed: int) -> nn.Module:
     return build_model(arch, input_shape=SHAPE, num_classes=CLASSES, kind="image", generator=torch.Generator().manual_seed(seed))
+
+
+def _set_image_size(size: int) -> None:
+    global SHAPE
+    SHAPE = (1, size, size)
 
 
 def joint_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -180,7 +194,7 @@ def markdown(report: dict) -> str:
         f"Machine: {report['machine']}, {report['cpu_count']} cores, torch {report['torch']} "
         f"({report['torch_threads']} threads), Opacus {report['opacus']}; load average "
         f"{report['load_average_start']} -> {report['load_average_end']} (background load shared the CPU).  ",
-        f"Input 1x28x28, batch {report['batch']}, {report['reps']} timed repetitions per variant (median). "
+        f"Input {'x'.join(map(str, report['input_shape']))}, batch {report['batch']}, {report['reps']} timed repetitions per variant (median). "
         "Times are process CPU time per step (robust to other processes on the machine; wall-clock in the JSON); "
         "ratio = median over repetitions of DP step time / non-private step time. "
         "'wrong' = clipped per-sample gradient sum differs from the per-sample loop reference.",
@@ -211,11 +225,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--models", nargs="*", default=list(SINGLE))
-    parser.add_argument("--joint", nargs="*", type=int, default=sorted(JOINT))
+    parser.add_argument("--joint", nargs="*", choices=sorted(JOINT), default=["2", "3", "4"])
+    parser.add_argument("--image-size", type=int, default=28, help="square greyscale inputs (the built-in data is 14)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    _set_image_size(args.image_size)
 
     report: dict = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
@@ -225,6 +241,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "opacus": opacus.__version__,
         "batch": args.batch,
+        "input_shape": list(SHAPE),
         "reps": args.reps,
         "target_ratio": 2.0,
         "load_average_start": [round(v, 2) for v in os.getloadavg()],
