@@ -133,14 +133,14 @@ def test_morlet_bank_is_zero_mean_normalised_and_oriented():
     assert energy[0] > 10 * energy[4] and energy[0] == energy[:8].max()
 
 
-@pytest.mark.parametrize("name", ["scatter-linear", "scatter-cnn"])
+@pytest.mark.parametrize("name", ["scatter-linear", "scatter-cnn", "scatter-mlp"])
 def test_scattering_models_train_only_their_head_and_send_no_filters(name):
     m = build_model(name, input_shape=(1, 14, 14), num_classes=10, kind="image", generator=torch.Generator().manual_seed(0))
     # the fixed wavelets are neither parameters nor in the state dict (nothing to send, clip or load)
     assert not any("scatter" in k for k in m.state_dict())
     assert all(not n.startswith("scatter") for n, _ in m.named_parameters())
-    x = torch.randn(5, 1, 14, 14)
+    x = torch.randn(5, 1, 14, 14, generator=torch.Generator().manual_seed(2))
     other = build_model(name, input_shape=(1, 14, 14), num_classes=10, kind="image", generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(m.scatter(x), other.scatter(x))  # data- and seed-independent features
-    # features are normalised per sample and channel, so a brightness scale changes nothing
-    torch.testing.assert_close(m.scatter(3.0 * x), m.scatter(x), rtol=1e-3, atol=1e-3)
+    # features are normalised per sample and channel, so a contrast scale changes nothing (up to GroupNorm's eps)
+    torch.testing.assert_close(m.scatter(3.0 * x), m.scatter(x), rtol=1e-2, atol=1e-2)

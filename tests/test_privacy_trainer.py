@@ -305,7 +305,7 @@ def test_scattering_models_clip_per_sample_like_the_loop(digits: tuple[torch.Ten
     x, y = digits[0][:6], digits[1][:6]
     models = [
         build_model(n, input_shape=(1, 8, 8), num_classes=10, kind="image", generator=torch.Generator().manual_seed(i))
-        for i, n in enumerate(("scatter-linear", "scatter-cnn"))
+        for i, n in enumerate(("scatter-linear", "scatter-cnn", "scatter-mlp"))
     ]
     for m in models:
         validate_model(m, name="zoo model")

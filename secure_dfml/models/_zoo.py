@@ -149,9 +149,12 @@ class Scattering(nn.Module):
 
 
 class ScatterNet(nn.Module):
-    """Fixed scattering features, then a linear head (``widths`` empty) or a small CNN."""
+    """Fixed scattering features, then a head: linear (default), a small CNN
+    (``widths``: conv layers) or an MLP (``hidden``: hidden layer widths)."""
 
-    def __init__(self, channels: int, num_classes: int, widths: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, channels: int, num_classes: int, *, widths: tuple[int, ...] = (), hidden: tuple[int, ...] = ()
+    ) -> None:
         super().__init__()
         self.scatter = Scattering(channels)
         cin = self.scatter.out_channels
@@ -162,10 +165,10 @@ class ScatterNet(nn.Module):
         self.features = nn.Sequential(*blocks)
         with torch.no_grad():
             width = self.features(torch.zeros(1, *self.scatter.out_shape)).numel()
-        self.head = nn.Linear(width, num_classes)
+        self.head = MLP(width, hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(self.features(self.scatter(x)), 1))
+        return self.head(self.features(self.scatter(x)))
 
 
 Builder = Callable[[tuple[int, ...], int], nn.Module]
@@ -217,7 +220,12 @@ def _scatter_linear(shape: tuple[int, ...], k: int) -> nn.Module:
 
 @register("scatter-cnn", "image", "fixed scattering features + one conv layer (16) + linear head: DP-friendly")
 def _scatter_cnn(shape: tuple[int, ...], k: int) -> nn.Module:
-    return ScatterNet(shape[0], k, (16,))
+    return ScatterNet(shape[0], k, widths=(16,))
+
+
+@register("scatter-mlp", "image", "fixed scattering features + MLP with one hidden layer (16): DP-friendly")
+def _scatter_mlp(shape: tuple[int, ...], k: int) -> nn.Module:
+    return ScatterNet(shape[0], k, hidden=(16,))
 
 
 @register("cnn-wide", "image", "3 conv layers (32, 64, 128) + GroupNorm, linear head")
