@@ -431,15 +431,13 @@ def dump_toml(cfg: RunConfig) -> str:
     return "\n".join(lines)
 
 
-#: The built-in federation's architectures: three small, heterogeneous models.
-#: Two train a linear / small conv head on fixed first-order scattering features
-#: (data-independent Morlet wavelets: DP-SGD then trains few parameters on good
-#: features, Tramer & Boneh, ICLR 2021); one is a 1-hidden-layer MLP on pixels.
-#: At epsilon 8 this mix scored 4.7 points above the small end-to-end models
-#: (cnn-small, mlp-small, cnn-tiny) while its non-private twin stayed level; the
-#: zoo's large models scored lower still and made the run ~6x slower
-#: (benchmarks/results/dp_utility_ablation.md).
-BUILT_IN_MIX: tuple[str, ...] = ("scatter-linear", "scatter-cnn", "mlp-small")
+#: The built-in federation's architectures: three small, heterogeneous models
+#: (a linear, a convolutional and an MLP head) on fixed first-order scattering
+#: features (data-independent Morlet wavelets: DP-SGD then trains few parameters
+#: on good features, Tramer & Boneh, ICLR 2021).  Measured at epsilon 8 against
+#: small models that learn their features end to end, and against the zoo's large
+#: models: benchmarks/results/dp_utility_ablation.md.
+BUILT_IN_MIX: tuple[str, ...] = ("scatter-linear", "scatter-cnn", "scatter-mlp")
 
 
 def default_config() -> RunConfig:
