@@ -41,6 +41,9 @@ def test_report_is_self_contained(tmp_path: Path) -> None:
     assert "final-model" in text
     # the unsupported level is explained, not printed as a number
     assert "not supported by 600 non-members" in text
+    # extra sections go before the results table; their HTML is kept as given
+    page = render_html_report(peers, sections=["<h2>Extra</h2><p>x &amp; y</p>"])
+    assert page.index("<h2>Extra</h2><p>x &amp; y</p>") < page.index("<h2>Results</h2>")
 
 
 def test_findings_never_claim_privacy() -> None:

@@ -130,6 +130,7 @@ def test_final_model_audit(run_dir: Path) -> None:
     assert any("not evidence" in f or "does not show" in f for f in res["findings"])
     page = (run_dir / "audit" / "final-model" / "report.html").read_text()
     assert "data:image/png;base64," in page and "Empirical epsilon per peer" in page
+    assert page.index("Empirical epsilon per peer") < page.index("<h2>Results</h2>")  # before the attack table
 
 
 def test_curious_aggregator_and_sender(run_dir: Path) -> None:

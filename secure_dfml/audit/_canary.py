@@ -231,7 +231,8 @@ def _markdown(r: Mapping[str, Any]) -> str:
 
 
 def _html(r: Mapping[str, Any]) -> str:
-    from secure_dfml.audit._rundir import html_table, render_simple_html
+    from secure_dfml.audit._rundir import render_simple_html
+    from secure_dfml.audit.report import html_table
 
     rows = [[pid, e["arch"], f"{e['canaries_included']}/{e['canaries']}", e["r"], e["v"], e["k_pos"], e["k_neg"],
              f"{e['epsilon_lower_bound']:.3f}", _eps_text(e), e["status"]] for pid, e in r["peers"].items()]

@@ -42,13 +42,13 @@ from scipy import stats
 from secure_dfml.audit._rundir import (
     _load_model,
     _Target,
-    html_table,
     rebuild_federation,
     render_simple_html,
     results_header,
     selected_peers,
 )
 from secure_dfml.audit._threat_models import ThreatModel
+from secure_dfml.audit.report import html_table
 from secure_dfml.crypto import (
     HEADER_BYTES,
     KeyRing,

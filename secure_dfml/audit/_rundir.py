@@ -29,7 +29,6 @@ never destroys earlier results.
 
 from __future__ import annotations
 
-import datetime as _dt
 import html
 import json
 import logging
@@ -53,6 +52,8 @@ from secure_dfml.audit._epsilon import (
     ledger_entry,
 )
 from secure_dfml.audit._reference import ReferenceModels, train_reference_models
+from secure_dfml.audit.report import findings as _findings
+from secure_dfml.audit.report import findings_list, html_table, page_head, render_html_report
 from secure_dfml.audit._runner import AuditResult, audit_model
 from secure_dfml.audit._threat_models import ThreatModel, load_threat_model
 from secure_dfml.audit._training import make_trainer, torch_generator
@@ -742,7 +743,6 @@ def audit_run_dir(
     for e in target_entries:
         e.pop("_owner", None)
 
-    from secure_dfml.audit.report import findings as _findings
 
     base.update({
         "status": "audited",
@@ -854,25 +854,6 @@ def _write(out_dir: Path, results: Mapping[str, Any], report_html: str) -> None:
 
 
 # ----------------------------------------------------------------------------- HTML
-def _css() -> str:
-    from secure_dfml.audit import report
-
-    return getattr(report, "_CSS", "")
-
-
-def html_table(head: Sequence[str], rows: Sequence[Sequence[Any]], *, fail_col: int | None = None) -> str:
-    """A plain HTML table; cells equal to FAIL in ``fail_col`` are highlighted."""
-    out = ["<table><thead><tr>", *(f"<th>{html.escape(str(h))}</th>" for h in head), "</tr></thead><tbody>"]
-    for row in rows:
-        out.append("<tr>")
-        for j, c in enumerate(row):
-            cls = " class='fail'" if fail_col == j and str(c) == "FAIL" else ""
-            out.append(f"<td{cls}>{html.escape(str(c))}</td>")
-        out.append("</tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
-
-
 def _fmt(x: Any, spec: str = ".3f") -> str:
     if x is None:
         return "—"
@@ -908,8 +889,6 @@ def _epsilon_section(results: Mapping[str, Any], skipped: Sequence[Mapping[str, 
 
 def _render_html(results: Mapping[str, Any], tm: ThreatModel, audits: Mapping[str, AuditResult],
                  checks: Sequence[LedgerComparison], skipped: Sequence[Mapping[str, Any]]) -> str:
-    from secure_dfml.audit.report import render_html_report
-
     run = results["run"]
     extra = {
         "run directory": results["run_dir"],
@@ -923,37 +902,14 @@ def _render_html(results: Mapping[str, Any], tm: ThreatModel, audits: Mapping[st
         "targets (label = data owner + model)": "; ".join(
             f"{t['target']}: {t['n_members']} members / {t['n_nonmembers']} non-members" for t in results["targets"]),
     }
-    page = render_html_report(audits, title=f"Membership-inference audit: {tm.name}", threat_model=tm,
-                              ledger_checks=checks, extra=extra)
-    section = _epsilon_section(results, skipped)
-    marker = "<h2>Results</h2>"
-    if marker in page:
-        return page.replace(marker, section + "\n" + marker, 1)
-    return page.replace("</body>", section + "</body>", 1)
+    return render_html_report(audits, title=f"Membership-inference audit: {tm.name}", threat_model=tm,
+                              ledger_checks=checks, extra=extra, sections=[_epsilon_section(results, skipped)])
 
 
 def render_simple_html(title: str, tm: ThreatModel | None, body: Sequence[str], findings: Sequence[str]) -> str:
     """A self-contained page in the audit report's style (no figures)."""
-    parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>{_css()}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        f"<p>Generated {html.escape(_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC'))}.</p>",
-    ]
-    if tm is not None:
-        parts += [
-            "<h2>Threat model</h2>",
-            f"<p><b>{html.escape(tm.name)}</b>: {html.escape(tm.description)}</p>",
-            f"<p>Attacker: {html.escape(tm.attacker)}. View: <code>{html.escape(tm.view)}</code>. "
-            f"Targets: {html.escape(tm.targets)}.</p>",
-        ]
-        for label, items in (("Assumptions", tm.assumptions), ("Mitigations", tm.mitigations)):
-            parts.append(f"<p>{label}:</p><ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>")
-    parts.append("<h2>Findings</h2><ul>")
-    for f in findings:
-        cls = " class='fail'" if f.startswith(("FAIL", "INSECURE")) else ""
-        parts.append(f"<li{cls}>{html.escape(f)}</li>")
-    parts.append("</ul>")
+    parts = page_head(title, tm)
+    parts.append(findings_list(findings, lambda f: f.startswith(("FAIL", "INSECURE"))))
     parts.extend(body)
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -13,7 +13,7 @@ import html
 import io
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -142,11 +142,8 @@ def _table(peer_results: PeerResults) -> str:
                 est = m.tpr_at_fpr.get(lvl)
                 cells.append("—" if est is None else (f"{est:.4f}" if est.value is not None else f"n/a: {est.reason}"))
             cells += [f"{m.balanced_accuracy:.3f}", f"{m.advantage:.3f}", f"{m.n_members} / {m.n_nonmembers}"]
-            rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    return (
-        "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead><tbody>"
-        + "".join(rows) + "</tbody></table>"
-    )
+            rows.append(cells)
+    return html_table(head, rows)
 
 
 _CSS = """
@@ -158,17 +155,21 @@ th{background:#f3f3f3}.fail{color:#a00;font-weight:600}.figs{display:flex;flex-w
 """
 
 
-def render_html_report(
-    peer_results: PeerResults,
-    *,
-    title: str = "Membership-inference audit",
-    threat_model: ThreatModel | None = None,
-    ledger_checks: Sequence[LedgerComparison] = (),
-    extra: Mapping[str, Any] | None = None,
-) -> str:
-    """The whole report as one HTML string (figures inlined)."""
-    if not peer_results:
-        raise AuditError("nothing to report: no audit results")
+def html_table(head: Sequence[str], rows: Sequence[Sequence[Any]], *, fail_col: int | None = None) -> str:
+    """A plain HTML table (cells escaped); cells equal to FAIL in ``fail_col`` are highlighted."""
+    out = ["<table><thead><tr>", *(f"<th>{html.escape(str(h))}</th>" for h in head), "</tr></thead><tbody>"]
+    for row in rows:
+        out.append("<tr>")
+        for j, c in enumerate(row):
+            cls = " class='fail'" if fail_col == j and str(c) == "FAIL" else ""
+            out.append(f"<td{cls}>{html.escape(str(c))}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def page_head(title: str, threat_model: ThreatModel | None) -> list[str]:
+    """The start of every audit page: head and style, title, date, and the threat model."""
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
@@ -176,25 +177,49 @@ def render_html_report(
         f"<p>Generated {html.escape(_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC'))}.</p>",
     ]
     if threat_model is not None:
-        parts.append("<h2>Threat model</h2>")
-        parts.append(f"<p><b>{html.escape(threat_model.name)}</b>: {html.escape(threat_model.description)}</p>")
-        parts.append(f"<p>Attacker: {html.escape(threat_model.attacker)}. View: "
-                     f"<code>{html.escape(threat_model.view)}</code>. Targets: {html.escape(threat_model.targets)}.</p>")
-        for label, items in (("Assumptions", threat_model.assumptions), ("Mitigations", threat_model.mitigations)):
+        tm = threat_model
+        parts += [
+            "<h2>Threat model</h2>",
+            f"<p><b>{html.escape(tm.name)}</b>: {html.escape(tm.description)}</p>",
+            f"<p>Attacker: {html.escape(tm.attacker)}. View: <code>{html.escape(tm.view)}</code>. "
+            f"Targets: {html.escape(tm.targets)}.</p>",
+        ]
+        for label, items in (("Assumptions", tm.assumptions), ("Mitigations", tm.mitigations)):
             parts.append(f"<p>{label}:</p><ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>")
-    parts.append("<h2>Findings</h2><ul>")
-    for f in findings(peer_results, ledger_checks=ledger_checks, threat_model=threat_model):
-        cls = " class='fail'" if any(c.failed and c.message == f for c in ledger_checks) else ""
-        parts.append(f"<li{cls}>{html.escape(f)}</li>")
-    parts.append("</ul>")
+    return parts
+
+
+def findings_list(items: Sequence[str], failed: Callable[[str], bool]) -> str:
+    """The findings as an HTML list; those ``failed`` says so are highlighted."""
+    rows = [f"<li class='fail'>{html.escape(f)}</li>" if failed(f) else f"<li>{html.escape(f)}</li>" for f in items]
+    return "<h2>Findings</h2><ul>" + "".join(rows) + "</ul>"
+
+
+def render_html_report(
+    peer_results: PeerResults,
+    *,
+    title: str = "Membership-inference audit",
+    threat_model: ThreatModel | None = None,
+    ledger_checks: Sequence[LedgerComparison] = (),
+    extra: Mapping[str, Any] | None = None,
+    sections: Sequence[str] = (),
+) -> str:
+    """The whole report as one HTML string (figures inlined); ``sections`` (HTML)
+    go before the per-attack results."""
+    if not peer_results:
+        raise AuditError("nothing to report: no audit results")
+    failed = {c.message for c in ledger_checks if c.failed}
+    parts = page_head(title, threat_model)
+    parts.append(findings_list(findings(peer_results, ledger_checks=ledger_checks, threat_model=threat_model),
+                               lambda f: f in failed))
     if ledger_checks:
-        parts.append("<h2>Empirical epsilon vs ledger</h2><table><thead><tr><th>status</th><th>lower bound</th>"
-                     "<th>ledger epsilon</th><th>detail</th></tr></thead><tbody>")
-        for c in ledger_checks:
-            cls = " class='fail'" if c.failed else ""
-            parts.append(f"<tr><td{cls}>{c.status}</td><td>{c.lower_bound:.3f}</td><td>{c.ledger_epsilon:.3f}</td>"
-                         f"<td>{html.escape(c.message)}</td></tr>")
-        parts.append("</tbody></table>")
+        parts.append("<h2>Empirical epsilon vs ledger</h2>")
+        parts.append(html_table(
+            ["status", "lower bound", "ledger epsilon", "detail"],
+            [[c.status, f"{c.lower_bound:.3f}", f"{c.ledger_epsilon:.3f}", c.message] for c in ledger_checks],
+            fail_col=0,
+        ))
+    parts.extend(sections)
     parts.append("<h2>Results</h2>")
     parts.append(_table(peer_results))
     parts.append("<p>Intervals are percentile-bootstrap confidence intervals. Balanced accuracy and advantage use "
