@@ -15,6 +15,7 @@ from secure_dfml.audit import (
     render_html_report,
     write_html_report,
 )
+from secure_dfml.audit.report import is_quiet_finding, is_unsupported_finding
 
 
 def _result(name: str, strength: float, rng: np.random.Generator, n_non: int = 600) -> AttackResult:
@@ -41,6 +42,11 @@ def test_report_is_self_contained(tmp_path: Path) -> None:
     assert "final-model" in text
     # the unsupported level is explained, not printed as a number
     assert "not supported by 600 non-members" in text
+    # the CLI and the run-dir audit recognise these lines through the report's own classifiers
+    lines = findings(peers, ledger_checks=checks)
+    assert [is_quiet_finding(f) for f in lines].count(True) == 2  # loss and lira_online at strength 0
+    assert any(is_unsupported_finding(f) for f in lines)
+    assert not any(is_quiet_finding(f) or is_unsupported_finding(f) for f in lines if f.startswith("Peer 0: rmia"))
     # extra sections go before the results table; their HTML is kept as given
     page = render_html_report(peers, sections=["<h2>Extra</h2><p>x &amp; y</p>"])
     assert page.index("<h2>Extra</h2><p>x &amp; y</p>") < page.index("<h2>Results</h2>")

@@ -53,7 +53,7 @@ from secure_dfml.audit._epsilon import (
 )
 from secure_dfml.audit._reference import ReferenceModels, train_reference_models
 from secure_dfml.audit.report import findings as _findings
-from secure_dfml.audit.report import findings_list, html_table, page_head, render_html_report
+from secure_dfml.audit.report import findings_list, html_table, is_unsupported_finding, page_head, render_html_report
 from secure_dfml.audit._runner import AuditResult, audit_model
 from secure_dfml.audit._threat_models import ThreatModel, load_threat_model
 from secure_dfml.audit._training import make_trainer, torch_generator
@@ -769,7 +769,7 @@ def audit_run_dir(
 
 def _collapse_unsupported(lines: Sequence[str], entries: Sequence[Mapping[str, Any]]) -> list[str]:
     """Replace the per-(target, attack, level) "TPR not reported" notes by one line."""
-    unsupported = [f for f in lines if "TPR at FPR" in f and "not reported" in f]
+    unsupported = [f for f in lines if is_unsupported_finding(f)]
     out = [f for f in lines if f and f not in unsupported]
     if unsupported:
         levels: set[str] = set()

@@ -77,6 +77,20 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100.0 * x:.2f}%"
 
 
+_QUIET = "did not detect membership beyond chance"
+_UNSUPPORTED = ("TPR at FPR", "not reported")
+
+
+def is_quiet_finding(text: str) -> bool:
+    """True for a :func:`findings` line saying an attack found no signal beyond chance."""
+    return _QUIET in text
+
+
+def is_unsupported_finding(text: str) -> bool:
+    """True for a :func:`findings` line saying a TPR at some FPR is not reported (too few non-members)."""
+    return all(part in text for part in _UNSUPPORTED)
+
+
 def findings(
     peer_results: PeerResults,
     *,
@@ -106,13 +120,13 @@ def findings(
                 )
             else:
                 quiet.append(
-                    f"Peer {peer}: {name} did not detect membership beyond chance (AUC {a.value:.3f}"
+                    f"Peer {peer}: {name} {_QUIET} (AUC {a.value:.3f}"
                     + (f", CI [{a.ci_low:.3f}, {a.ci_high:.3f}]" if a.ci_low is not None else "")
                     + "). This is not evidence that the model is private."
                 )
             for lvl, est in m.tpr_at_fpr.items():
                 if est.value is None and est.reason:
-                    notes.append(f"Peer {peer}, {name}: TPR at FPR {lvl:g} not reported: {est.reason}.")
+                    notes.append(f"Peer {peer}, {name}: {_UNSUPPORTED[0]} {lvl:g} {_UNSUPPORTED[1]}: {est.reason}.")
     out = severe + leaks + quiet + sorted(set(notes))
     if threat_model is not None:
         out.append(

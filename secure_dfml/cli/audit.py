@@ -84,7 +84,9 @@ def _status_style(status: str) -> str:
 
 
 def _print_findings(findings: list[str]) -> None:
-    quiet = [f for f in findings if "did not detect membership beyond chance" in f]
+    from secure_dfml.audit.report import is_quiet_finding
+
+    quiet = [f for f in findings if is_quiet_finding(f)]
     console.print("[bold]Findings[/]")
     for f in findings:
         if f in quiet:
