@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from secure_dfml.privacy._tune import _pct
+from secure_dfml._jsonutil import pct
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EPSILONS: list[float] = [1.0, 2.0, 4.0, 8.0, math.inf]
@@ -202,7 +202,7 @@ def render_md(data: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
-        arch = ", ".join(f"{a} {_pct(v)}" for a, v in r["per_arch_global_acc"].items())
+        arch = ", ".join(f"{a} {pct(v)}" for a, v in r["per_arch_global_acc"].items())
         gap = "-" if r["epsilon"] == "inf" or r["gap_to_non_private_points"] is None else \
             f"{r['gap_to_non_private_points']:.1f} / " + (
                 "-" if r.get("gap_last5_points") is None else f"{r['gap_last5_points']:.1f}")
@@ -211,8 +211,8 @@ def render_md(data: dict[str, Any]) -> str:
         refused = "-" if r["phases_refused"] is None or r["epsilon"] == "inf" else \
             f"{r['phases_refused']}/{r['phases_refused'] + r['phases_run']}"
         lines.append(
-            f"| {r['dataset']} | {r['settings']} | {r.get('seed', 0)} | {eps} | {_pct(r['mean_global_acc'])} | "
-            f"{_pct(r.get('last5_mean_global_acc'))} | {_pct(r['best_mean_global_acc'])} | {gap} | {spent} | {refused} | {arch} | "
+            f"| {r['dataset']} | {r['settings']} | {r.get('seed', 0)} | {eps} | {pct(r['mean_global_acc'])} | "
+            f"{pct(r.get('last5_mean_global_acc'))} | {pct(r['best_mean_global_acc'])} | {gap} | {spent} | {refused} | {arch} | "
             f"{r['seconds_per_round'] or 0:.2f} |"
         )
     lines += ["", "Target: at epsilon 8, within 5 points of non-private (same settings; mean over the seeds)."]
@@ -347,8 +347,8 @@ def render_ablation_md(out: dict[str, Any]) -> str:
         name, run = key.split(" | ")
         mm = e["epsilon_spent_min_max"]
         lines.append(
-            f"| {name} | {run} | {_pct(e['final_global_acc'])} | {_pct(e['last5_global_acc'])} | "
-            f"{_pct(e['best_global_acc'])} | {e['phases_refused'] if e['private'] else '-'} | "
+            f"| {name} | {run} | {pct(e['final_global_acc'])} | {pct(e['last5_global_acc'])} | "
+            f"{pct(e['best_global_acc'])} | {e['phases_refused'] if e['private'] else '-'} | "
             f"{'-' if not mm else f'{mm[0]:.2f}-{mm[1]:.2f}'} | {e['seconds']:.0f} |"
         )
     lines.append("")

@@ -1,4 +1,5 @@
-"""Strict-JSON helpers shared by the result writers (audits, budget sweeps)."""
+"""Helpers shared by the result writers (audits, budget sweeps, CLI tables):
+strict JSON, timestamps, percentage cells."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def pct(v: Any) -> str:
+    """A fraction as a percentage with one decimal, "-" when missing."""
+    return "-" if v is None else f"{100 * v:.1f}"
 
 
 def utc_now() -> str:

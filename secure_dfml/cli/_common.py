@@ -51,8 +51,3 @@ def friendly_errors(fn: F) -> F:
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def pct(v: Any) -> str:
-    """A fraction as a percentage with one decimal, "-" when missing."""
-    return "-" if v is None else f"{100 * v:.1f}"

@@ -10,7 +10,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from secure_dfml.cli._common import OutputFormat, console, friendly_errors, pct, print_json, setup_logging
+from secure_dfml._jsonutil import pct
+from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
 from secure_dfml.config import ALGORITHMS, RunConfig, default_config, load_config
 from secure_dfml.privacy import atomic_write_bytes
 

@@ -9,7 +9,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from secure_dfml.cli._common import OutputFormat, console, err_console, friendly_errors, pct, print_json, setup_logging
+from secure_dfml._jsonutil import pct
+from secure_dfml.cli._common import OutputFormat, console, err_console, friendly_errors, print_json, setup_logging
 from secure_dfml.config import default_config, load_config
 
 EPSILONS_HELP = (

@@ -75,7 +75,7 @@ from typing import Any
 
 import numpy as np
 
-from secure_dfml._jsonutil import jsonable, utc_now
+from secure_dfml._jsonutil import jsonable, pct, utc_now
 from secure_dfml.config import PeerPrivacyConfig, RunConfig, dump_toml
 from secure_dfml.errors import ConfigError, RunDirectoryError, SecureDFMLError
 from secure_dfml.privacy._ledger import atomic_write_bytes
@@ -742,10 +742,6 @@ def _audit_point(audit_fn: Callable[..., dict[str, Any]], run_dir: Path, cfg: Ru
 
 
 # --------------------------------------------------------------------------- rendering
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
 def _fmt_est(e: Mapping[str, Any] | None, *, pct: bool = False) -> str:
     if not e or e.get("value") is None:
         return "unsupported" if e and e.get("reason") else "-"
@@ -786,12 +782,12 @@ def point_rows(result: Mapping[str, Any], *, compact: bool = False) -> tuple[lis
             eps, within, refused = "non-private", "-", "-"
         if compact:
             within_mark = "" if not p["private"] or p.get("within_budget") else " OVER"
-            row = [label, _pct(p.get("mean_global_acc")), cost_s, eps + within_mark, refused,
+            row = [label, pct(p.get("mean_global_acc")), cost_s, eps + within_mark, refused,
                    f"{p.get('seconds_per_round') or 0:.2f}s" + ("" if ov is None else f" ({ov:.2f}x)")]
         else:
             row = [
-                label, _pct(p.get("mean_global_acc")), cost_s, _pct(p.get("mean_local_acc")),
-                f"{_pct(p.get('min_peer_global_acc'))}-{_pct(p.get('max_peer_global_acc'))}",
+                label, pct(p.get("mean_global_acc")), cost_s, pct(p.get("mean_local_acc")),
+                f"{pct(p.get('min_peer_global_acc'))}-{pct(p.get('max_peer_global_acc'))}",
                 eps, within, refused, f"{p.get('seconds_per_round') or 0:.2f}",
                 "-" if ov is None else f"{ov:.2f}x",
             ]
@@ -853,10 +849,10 @@ def render_tune_markdown(result: Mapping[str, Any]) -> str:
             for i in ids:
                 v = p["peers"].get(str(i), {})
                 if p["private"]:
-                    cells.append(f"{_pct(v.get('global_acc'))} / {v.get('epsilon_spent') or 0:.2f} of "
+                    cells.append(f"{pct(v.get('global_acc'))} / {v.get('epsilon_spent') or 0:.2f} of "
                                  f"{_num(v['epsilon_target']) if v.get('epsilon_target') is not None else '-'}")
                 else:
-                    cells.append(_pct(v.get("global_acc")))
+                    cells.append(pct(v.get("global_acc")))
             lines.append(f"| {p['label']} | " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
