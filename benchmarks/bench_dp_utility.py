@@ -258,6 +258,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- ablation
+#: the zoo's large models (the built-in mix of the previous release)
+LARGE_MODELS = ("cnn-small", "mlp", "resnet-gn", "cnn-wide")
+
 #: at epsilon 8, each DP design choice of the built-in configuration undone on its own
 ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "built-in": {},
@@ -268,13 +271,13 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "constant-lr": {"dfml": {"lr_schedule": "constant"}},
     # clipping with (almost) no noise and no budget: how much of the cost is clipping, not noise
     "clip-only": {"privacy": {"epsilon": None, "noise_multiplier": 0.001}},
-    "large-models": {"models": {"mix": ("cnn-small", "mlp", "resnet-gn", "cnn-wide")}},
+    "large-models": {"models": {"mix": LARGE_MODELS}},
     # the previous built-in mix: small models that learn their features end to end, no fixed scattering
     "learned-features": {"models": {"mix": ("cnn-small", "mlp-small", "cnn-tiny")}},
     # the built-in run of the previous release: large models, batch 32, constant lr 0.02, 2 ML epochs,
     # 10k images, uniform prior, joint clipping, expected-participation plan
     "previous": {
-        "models": {"mix": ("cnn-small", "mlp", "resnet-gn", "cnn-wide")},
+        "models": {"mix": LARGE_MODELS},
         "dfml": {"batch_size": 32, "lr": 0.02, "lr_schedule": "constant", "ml_epochs": 2},
         "data": {"max_train_samples": 10_000},
         "privacy": {"class_prior": "uniform", "clipping": "joint", "plan_on": "expected"},

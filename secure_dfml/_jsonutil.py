@@ -4,6 +4,7 @@ strict JSON, timestamps, percentage cells."""
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +29,11 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as indented strict JSON (via :func:`jsonable`), newline-terminated."""
+    return json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n"
 
 
 def pct(v: Any) -> str:

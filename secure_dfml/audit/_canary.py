@@ -23,7 +23,6 @@ audits of DP-SGD with black-box scores are known to be far from tight.
 from __future__ import annotations
 
 import html
-import json
 import logging
 import shutil
 from collections.abc import Mapping
@@ -68,7 +67,7 @@ def run_canary_audit(
     not the deployment's). ``out_dir`` must be new, empty, or an earlier
     canary audit's folder (then it is replaced only once this one succeeds).
     """
-    from secure_dfml._jsonutil import jsonable, utc_now
+    from secure_dfml._jsonutil import json_text, utc_now
     from secure_dfml._run import build_federation, load_federation_data
     from secure_dfml.audit._rundir import staging_dir, write_output_dir
 
@@ -196,8 +195,7 @@ def run_canary_audit(
         }
         from secure_dfml.config import dump_toml
 
-        text = json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n"
-        write_output_dir(out, {"canary.json": text, "canary.md": _markdown(results), "canary.html": _html(results),
+        write_output_dir(out, {"canary.json": json_text(results), "canary.md": _markdown(results), "canary.html": _html(results),
                                "config.toml": dump_toml(cfg)}, staging=staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

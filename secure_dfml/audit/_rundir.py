@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from secure_dfml._jsonutil import jsonable, utc_now
+from secure_dfml._jsonutil import json_text, utc_now
 from secure_dfml.audit._attacks import ATTACKS, get_attack
 from secure_dfml.audit._epsilon import (
     LedgerComparison,
@@ -848,8 +848,7 @@ def _base_results(run: _RunDir, tm: ThreatModel, fed: Any, names: Sequence[str],
 
 
 def _write(out_dir: Path, results: Mapping[str, Any], report_html: str) -> None:
-    text = json.dumps(jsonable(results), indent=2, allow_nan=False)
-    write_output_dir(out_dir, {"results.json": text + "\n", "report.html": report_html})
+    write_output_dir(out_dir, {"results.json": json_text(results), "report.html": report_html})
     _LOG.info("wrote %s", out_dir)
 
 

@@ -75,7 +75,7 @@ from typing import Any
 
 import numpy as np
 
-from secure_dfml._jsonutil import jsonable, pct, utc_now
+from secure_dfml._jsonutil import json_text, pct, utc_now
 from secure_dfml.config import PeerPrivacyConfig, RunConfig, dump_toml
 from secure_dfml.errors import ConfigError, RunDirectoryError, SecureDFMLError
 from secure_dfml.privacy._ledger import atomic_write_bytes
@@ -345,9 +345,7 @@ TuneProgress = Callable[[TuneEvent], None]
 
 # --------------------------------------------------------------------------- the sweep
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    text = json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
-
+    atomic_write_bytes(path, json_text(data).encode("utf-8"))
 
 
 def _tail_accuracy(records: Sequence[Mapping[str, Any]], k: int = TAIL_ROUNDS) -> float | None:
