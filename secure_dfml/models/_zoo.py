@@ -138,8 +138,7 @@ class Scattering(nn.Module):
         self.channels, self.filters, self.pad = channels, bank.shape[0], size // 2
         self.pool = nn.AdaptiveAvgPool2d(pool)
         self.out_shape = (channels * (1 + self.filters), pool, pool)
-        self.out_channels = self.out_shape[0]
-        self.norm = nn.GroupNorm(self.out_channels, self.out_channels, affine=False)
+        self.norm = nn.GroupNorm(self.out_shape[0], self.out_shape[0], affine=False)  # one group per channel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.conv2d(x, self.weight, padding=self.pad, groups=self.channels)  # (B, C*S*2, H, W)
@@ -157,7 +156,7 @@ class ScatterNet(nn.Module):
     ) -> None:
         super().__init__()
         self.scatter = Scattering(channels)
-        cin = self.scatter.out_channels
+        cin = self.scatter.out_shape[0]
         blocks: list[nn.Module] = []
         for w in widths:
             blocks += [_conv_block(cin, w, min(8, w // 4)), nn.MaxPool2d(2, ceil_mode=True)]
