@@ -45,7 +45,6 @@ CANARY_FORMAT = "secure-dfml-canary-audit"
 _K_FRACTIONS = (0.1, 0.25, 0.5)
 
 
-
 def _k_grid(m: int) -> tuple[list[int], list[int]]:
     ks = sorted({max(1, int(round(f * m))) for f in _K_FRACTIONS})
     return ks, [0, *ks]

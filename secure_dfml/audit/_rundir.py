@@ -118,8 +118,6 @@ def resolve_attacks(names: Sequence[str] | None, *, online: bool = False) -> tup
     return tuple(out)
 
 
-
-
 def write_output_dir(final_dir: Path, files: Mapping[str, str | bytes], *, staging: Path | None = None) -> Path:
     """Write ``files`` into a temporary sibling folder, then swap it in.
 
@@ -162,8 +160,6 @@ def staging_dir(final_dir: Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
-
-
 
 
 # ----------------------------------------------------------------------------- run directory

@@ -230,7 +230,6 @@ class BudgetPoint:
         }
 
 
-
 def _num(v: float) -> str:
     return f"{v:g}"
 
