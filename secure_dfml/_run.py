@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from secure_dfml._fsutil import fresh_dir, swap_into_place
 from secure_dfml.config import RunConfig, dump_toml
 from secure_dfml.data import ArrayDataset, FederatedSplit
 from secure_dfml.errors import ConfigError, RunDirectoryError
@@ -235,10 +234,7 @@ def run_federation(
         raise RunDirectoryError(
             f"{run_dir} already holds results; choose another --out or pass --overwrite to replace them."
         )
-    partial = run_dir.with_name(run_dir.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    partial = fresh_dir(run_dir.with_name(run_dir.name + ".partial"))
     fed = build_federation(cfg, ledger_dir=partial / "ledgers")
     (partial / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")
     t0 = time.perf_counter()
@@ -258,11 +254,5 @@ def run_federation(
         from secure_dfml.report.plots import plot_accuracy
 
         plot_accuracy(records, partial / "accuracy.png", title=f"{cfg.federation.algorithm} on {summary['dataset']}")
-    if run_dir.exists():
-        backup = run_dir.with_name(run_dir.name + f".old-{os.getpid()}")
-        run_dir.rename(backup)
-        partial.rename(run_dir)
-        shutil.rmtree(backup)
-    else:
-        partial.rename(run_dir)
+    swap_into_place(partial, run_dir)
     return summary

@@ -86,6 +86,23 @@ def test_canary_audit_dp_flags_nothing(tmp_path: Path) -> None:
         assert (out / "ledgers" / f"peer_{pid}.json").is_file()
 
 
+def test_crashed_canary_audit_keeps_its_ledgers(tmp_path: Path) -> None:
+    """Budget spent before a crash is never rolled back: the ledgers stay on disk."""
+    cfg = _cfg(privacy={"enabled": True, "epsilon": 2.0}, dfml={"local_epochs": 1})
+
+    def crash_after_round_one(done: int, total: int, what: str) -> None:
+        if done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_canary_audit(cfg, canaries_per_peer=20, confidence=0.95, rng=np.random.default_rng(1),
+                         out_dir=tmp_path / "canary", progress=crash_after_round_one)
+    assert not (tmp_path / "canary").exists()
+    (staging,) = tmp_path.glob(".canary.partial-*")
+    ledgers = [json.loads(p.read_text()) for p in sorted((staging / "ledgers").glob("peer_*.json"))]
+    assert ledgers and any(led["entries"] for led in ledgers)
+
+
 def test_canary_errors(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     with pytest.raises(AuditError, match="auditor_pool"):

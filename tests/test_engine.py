@@ -142,6 +142,24 @@ def test_existing_results_are_never_overwritten_by_accident(tmp_path):
     assert (tmp_path / "run" / "summary.json").read_text() == marker  # a failed run leaves earlier results intact
 
 
+def test_crash_mid_run_keeps_earlier_results_and_the_spent_budget(tmp_path):
+    cfg = cfg_with(federation={"rounds": 2}, dfml={"local_epochs": 1}, privacy={"enabled": True, "epsilon": 4.0})
+    run_federation(cfg, tmp_path / "run", plot=False)
+    marker = (tmp_path / "run" / "summary.json").read_text()
+
+    def crash(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(cfg, tmp_path / "run", overwrite=True, plot=False, on_round=crash)
+    assert (tmp_path / "run" / "summary.json").read_text() == marker
+    ledgers = [json.loads(p.read_text()) for p in (tmp_path / "run.partial" / "ledgers").glob("peer_*.json")]
+    assert ledgers and any(led["entries"] for led in ledgers)  # round 1's mechanisms stay recorded
+    run_federation(cfg, tmp_path / "run", overwrite=True, plot=False)  # a rerun replaces both
+    assert not (tmp_path / "run.partial").exists()
+    assert not list(tmp_path.glob(".run.old-*"))
+
+
 @pytest.mark.slow
 def test_dfml_beats_local_only_on_global_accuracy(tmp_path):
     """Heterogeneous models, non-IID digits: DFML transfers knowledge, local-only cannot."""

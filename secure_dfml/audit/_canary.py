@@ -197,7 +197,10 @@ def run_canary_audit(
         write_output_dir(out, {"canary.json": json_text(results), "canary.md": _markdown(results), "canary.html": _html(results),
                                "config.toml": dump_toml(cfg)}, staging=staging)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if any((staging / "ledgers").glob("*")):  # spent budget is never rolled back
+            _LOG.warning("canary audit failed; the privacy ledgers it wrote are kept in %s", staging)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     _LOG.info("canary audit written to %s", out)
     return results

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from secure_dfml._fsutil import fresh_dir, swap_into_place
 from secure_dfml._jsonutil import json_text, utc_now
 from secure_dfml.audit._attacks import ATTACKS, get_attack
 from secure_dfml.audit._epsilon import (
@@ -126,7 +127,6 @@ def write_output_dir(final_dir: Path, files: Mapping[str, str | bytes], *, stagi
     prepared temporary folder (e.g. holding ledgers) to complete and swap in.
     """
     final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging if staging is not None else staging_dir(final_dir)
     try:
         for name, content in files.items():
@@ -136,17 +136,10 @@ def write_output_dir(final_dir: Path, files: Mapping[str, str | bytes], *, stagi
                 p.write_bytes(content)
             else:
                 p.write_text(content, encoding="utf-8")
-        if final_dir.exists():
-            backup = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
-            if backup.exists():
-                shutil.rmtree(backup)
-            final_dir.rename(backup)
-            tmp.rename(final_dir)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            tmp.rename(final_dir)
+        swap_into_place(tmp, final_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if staging is None:  # a caller's staging folder is the caller's to clean up
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final_dir
 
@@ -154,12 +147,7 @@ def write_output_dir(final_dir: Path, files: Mapping[str, str | bytes], *, stagi
 def staging_dir(final_dir: Path) -> Path:
     """A fresh, empty temporary sibling of ``final_dir`` (see :func:`write_output_dir`)."""
     final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final_dir.with_name(f".{final_dir.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
+    return fresh_dir(final_dir.with_name(f".{final_dir.name}.partial-{os.getpid()}"))
 
 
 # ----------------------------------------------------------------------------- run directory
