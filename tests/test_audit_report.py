@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from secure_dfml.audit import (
     AttackResult,
@@ -15,7 +16,7 @@ from secure_dfml.audit import (
     render_html_report,
     write_html_report,
 )
-from secure_dfml.audit.report import is_quiet_finding, is_unsupported_finding
+from secure_dfml.audit.report import FINDING_LEVELS, finding, finding_line
 
 
 def _result(name: str, strength: float, rng: np.random.Generator, n_non: int = 600) -> AttackResult:
@@ -42,11 +43,14 @@ def test_report_is_self_contained(tmp_path: Path) -> None:
     assert "final-model" in text
     # the unsupported level is explained, not printed as a number
     assert "not supported by 600 non-members" in text
-    # the CLI and the run-dir audit recognise these lines through the report's own classifiers
+    # findings are records with a level the CLI and the run-dir audit act on
     lines = findings(peers, ledger_checks=checks)
-    assert [is_quiet_finding(f) for f in lines].count(True) == 2  # loss and lira_online at strength 0
-    assert any(is_unsupported_finding(f) for f in lines)
-    assert not any(is_quiet_finding(f) or is_unsupported_finding(f) for f in lines if f.startswith("Peer 0: rmia"))
+    levels = [f["level"] for f in lines]
+    assert levels[0] == "fail" and finding_line(lines[0]).startswith("FAIL: ")
+    assert levels.count("quiet") == 2  # loss and lira_online at strength 0
+    assert "unsupported" in levels and levels[-1] == "note"
+    assert [f["level"] for f in lines if f["text"].startswith("Peer 0: rmia")] == ["leak"]
+    assert levels == sorted(levels, key=list(FINDING_LEVELS).index)  # most severe first
     # extra sections go before the results table; their HTML is kept as given
     page = render_html_report(peers, sections=["<h2>Extra</h2><p>x &amp; y</p>"])
     assert page.index("<h2>Extra</h2><p>x &amp; y</p>") < page.index("<h2>Results</h2>")
@@ -56,7 +60,7 @@ def test_findings_never_claim_privacy() -> None:
     rng = np.random.default_rng(1)
     res = {"p": {"loss": _result("loss", 0.0, rng, n_non=2000), "rmia_online": _result("rmia_online", 2.0, rng)}}
     lines = findings(res)
-    joined = " ".join(lines).lower()
+    joined = " ".join(f["text"] for f in lines).lower()
     assert "detects membership better than chance" in joined
     assert "not evidence that the model is private" in joined
     assert "does not show that a model is private" in joined
@@ -66,3 +70,11 @@ def test_findings_never_claim_privacy() -> None:
     for bad in ("proves privacy", "is safe", "no leakage"):
         assert bad not in joined
     assert "<li>" in render_html_report(res)
+
+
+def test_finding_levels_are_checked() -> None:
+    assert finding("warning", "x") == {"level": "warning", "text": "x"}
+    assert finding_line(finding("insecure", "plain channel")) == "INSECURE: plain channel"
+    assert finding_line(finding("note", "context")) == "context"
+    with pytest.raises(ValueError, match="fail, insecure, warning"):
+        finding("severe", "x")

@@ -127,7 +127,8 @@ def test_final_model_audit(run_dir: Path) -> None:
     for pid, p in res["peers"].items():
         assert p["status"] == "NON-PRIVATE" and p["ledger_epsilon"] is None
         assert np.isfinite(p["empirical_epsilon_lower_bound"])
-    assert any("not evidence" in f or "does not show" in f for f in res["findings"])
+    assert any("not evidence" in f["text"] or "does not show" in f["text"] for f in res["findings"])
+    assert json.loads((run_dir / "audit" / "final-model" / "results.json").read_text())["findings"] == res["findings"]
     page = (run_dir / "audit" / "final-model" / "report.html").read_text()
     assert "data:image/png;base64," in page and "Empirical epsilon per peer" in page
     assert page.index("Empirical epsilon per peer") < page.index("<h2>Results</h2>")  # before the attack table
@@ -188,7 +189,7 @@ def test_fail_flagged_when_bound_exceeds_ledger(dp_run_dir: Path, monkeypatch: p
     res = audit_run_dir(dp_run_dir, threat_model="final-model", attacks=["loss"], reference_models=1, rng=_rng(),
                         peers=[0])
     assert res["fail"] is True and res["peers"]["0"]["status"] == "FAIL"
-    assert res["findings"][0].startswith("FAIL")
+    assert res["findings"][0]["level"] == "fail"
     page = (dp_run_dir / "audit" / "final-model" / "report.html").read_text()
     assert "class='fail'" in page
 
@@ -277,7 +278,7 @@ def test_eavesdropper_on_plain_channel_reads_everything(tmp_path: Path) -> None:
     run = tmp_path / "plain"
     run_federation(_cfg(crypto={"channel": "none", "allow_insecure": True}, federation={"rounds": 1}), run, plot=False)
     res = audit_run_dir(run, threat_model="eavesdropper", rng=_rng(), peers=[0, 1])
-    assert res["fail"] is True and res["findings"][0].startswith("INSECURE")
+    assert res["fail"] is True and res["findings"][0]["level"] == "insecure"
     assert all(a["opened"] and a["recovered_parameters"] for e in res["envelopes"] for a in e["attempts"])
 
 

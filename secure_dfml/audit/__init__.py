@@ -78,7 +78,7 @@ from secure_dfml.audit._threat_models import (
     load_threat_model,
     threat_models_dir,
 )
-from secure_dfml.audit.report import findings, render_html_report, write_html_report
+from secure_dfml.audit.report import FINDING_LEVELS, Finding, finding_line, findings, render_html_report, write_html_report
 from secure_dfml.audit._rundir import (
     ATTACK_ALIASES,
     DEFAULT_RUN_ATTACKS,
@@ -106,6 +106,7 @@ __all__ = [
     "DEFAULT_ATTACKS",
     "DEFAULT_FPR_LEVELS",
     "DEFAULT_RMIA_OFFLINE_A",
+    "FINDING_LEVELS",
     "THREAT_MODEL_VIEWS",
     "AttackInputs",
     "AttackMetrics",
@@ -115,6 +116,7 @@ __all__ = [
     "AuditResult",
     "CountsBound",
     "Estimate",
+    "Finding",
     "LedgerComparison",
     "ModelFactory",
     "OneRunResult",
@@ -132,6 +134,7 @@ __all__ = [
     "dp_consistency_violations",
     "epsilon_lower_bound_from_scores",
     "evaluate_attack",
+    "finding_line",
     "findings",
     "get_attack",
     "lira_offline",

@@ -35,6 +35,7 @@ import torch
 from secure_dfml.audit._epsilon import ledger_entry, one_run_audit
 from secure_dfml.audit._rundir import AuditProgress
 from secure_dfml.audit._signals import compute_signals
+from secure_dfml.audit.report import Finding, finding, finding_line
 from secure_dfml.errors import AuditError
 
 __all__ = ["CANARY_FORMAT", "run_canary_audit"]
@@ -121,7 +122,7 @@ def run_canary_audit(
         private = bool(cfg.privacy.enabled)
         k_pos, k_neg = _k_grid(m)
         peers_out: dict[str, Any] = {}
-        findings_fail: list[str] = []
+        findings_fail: list[Finding] = []
         fail = False
         for i, p in enumerate(fed.engine.peers):
             scores = compute_signals(p.model, x_can[i], y_can[i]).log_prob  # minus the loss
@@ -150,28 +151,31 @@ def run_canary_audit(
                 entry["ledger_target"] = status.get("epsilon_target")
                 if cmp.failed:
                     fail = True
-                    findings_fail.append("FAIL: " + cmp.message)
+                    findings_fail.append(finding("fail", cmp.message))
             peers_out[str(i)] = entry
 
         lbs = [e["epsilon_lower_bound"] for e in peers_out.values()]
         findings = list(findings_fail)
         if not private:
-            findings.append(
+            findings.append(finding(
+                "leak" if max(lbs) > 0 else "note",
                 f"The run is NON-PRIVATE (epsilon = inf). Largest canary lower bound: eps >= {max(lbs):.3f} "
                 f"at {confidence:.0%} confidence" + (" -- the models measurably memorise their training data."
-                                                     if max(lbs) > 0 else ".")
-            )
+                                                     if max(lbs) > 0 else "."),
+            ))
         elif not fail:
-            findings.append(
+            findings.append(finding(
+                "note",
                 f"No peer's canary lower bound exceeds its ledger epsilon (largest lower bound {max(lbs):.3f}): "
                 "consistent with the DP claim. This does not prove the claim; one-run audits with black-box "
-                "scores are far from tight."
-            )
-        findings.append(
+                "scores are far from tight.",
+            ))
+        findings.append(finding(
+            "note",
             f"{m} canaries per peer from the auditor pool, wrong labels, each included with probability 1/2; "
             f"guesses from the top k_pos / bottom k_neg scores of each peer's final model, (k_pos, k_neg) over "
-            f"{k_pos} x {k_neg} with a Bonferroni correction (Steinke, Nasr, Jagielski 2023)."
-        )
+            f"{k_pos} x {k_neg} with a Bonferroni correction (Steinke, Nasr, Jagielski 2023).",
+        ))
         results: dict[str, Any] = {
             "format": CANARY_FORMAT,
             "version": 1,
@@ -224,7 +228,7 @@ def _markdown(r: Mapping[str, Any]) -> str:
     for pid, e in r["peers"].items():
         lines.append(f"| {pid} | {e['arch']} | {e['canaries_included']}/{e['canaries']} | {e['r']} | {e['v']} | "
                      f"{e['epsilon_lower_bound']:.3f} | {_eps_text(e)} | {e['status']} |")
-    lines += ["", "## Findings", ""] + [f"- {f}" for f in r["findings"]]
+    lines += ["", "## Findings", ""] + [f"- {finding_line(f)}" for f in r["findings"]]
     lines += ["", "A lower bound that stays below the ledger epsilon is consistent with the privacy claim; it never "
               "proves it.", ""]
     return "\n".join(lines)

@@ -48,7 +48,7 @@ from secure_dfml.audit._rundir import (
     selected_peers,
 )
 from secure_dfml.audit._threat_models import ThreatModel
-from secure_dfml.audit.report import html_table
+from secure_dfml.audit.report import Finding, finding, html_table
 from secure_dfml.crypto import (
     HEADER_BYTES,
     KeyRing,
@@ -189,56 +189,62 @@ def analyse_envelopes(
 
     sizes = _size_table(cfg, ds, archs, wanted, crypto, fid, n, available_models(ds.kind))
 
-    findings: list[str] = []
+    findings: list[Finding] = []
     if not secure:
-        findings.append(
-            "INSECURE: crypto.channel = \"none\": an eavesdropper reads every model in clear (decoded "
+        findings.append(finding(
+            "insecure",
+            "crypto.channel = \"none\": an eavesdropper reads every model in clear (decoded "
             f"{len(envelopes)} of {len(envelopes)}). It can run every membership attack of the curious-aggregator "
-            "threat model; audit that view too, and use crypto.channel = \"nacl\" for any deployment."
-        )
+            "threat model; audit that view too, and use crypto.channel = \"nacl\" for any deployment.",
+        ))
     else:
         if opened_any:
-            findings.append("FAIL: an attacker without the recipient's private key opened an envelope; the channel "
-                            "is broken.")
+            findings.append(finding("fail", "an attacker without the recipient's private key opened an envelope; "
+                                            "the channel is broken."))
         else:
             kinds = sorted({a["error"] for e in envelopes for a in e["attempts"]})
-            findings.append(
+            findings.append(finding(
+                "note",
                 f"An eavesdropper without keys opened none of {len(envelopes)} envelopes: every attempt failed with a "
                 f"typed CryptoError ({', '.join(kinds)}). Posing as the recipient with its own key fails decryption; "
-                "unrelated keys fail the sender's signature."
-            )
+                "unrelated keys fail the sender's signature.",
+            ))
         if cipher_p:
             pmin = min(cipher_p)
             thr = _ALPHA / len(cipher_p)
             if pmin < thr:
-                findings.append(f"WARNING: a ciphertext's byte histogram deviates from uniform (chi-square p = {pmin:.2g} "
-                                f"< {thr:.2g}); investigate the envelope format.")
+                findings.append(finding("warning", f"a ciphertext's byte histogram deviates from uniform (chi-square "
+                                                   f"p = {pmin:.2g} < {thr:.2g}); investigate the envelope format."))
             else:
-                findings.append(
+                findings.append(finding(
+                    "note",
                     f"Ciphertext bytes are consistent with uniform (byte-histogram chi-square, smallest p = {pmin:.3f} "
                     f"over {len(cipher_p)} envelopes; plaintext payloads give p ~ "
                     f"{max((e['plaintext_uniformity_p'] or 0.0) for e in envelopes):.1g}): the bytes reveal nothing "
-                    "about the weights."
-                )
+                    "about the weights.",
+                ))
         if all(e.get("resealed_ciphertext_differs") for e in envelopes):
-            findings.append("Sealing the same model twice gives different ciphertexts (fresh random nonce): repeated "
-                            "transmissions of one model cannot be linked by content.")
-        findings.append(
+            findings.append(finding("note", "Sealing the same model twice gives different ciphertexts (fresh random "
+                                            "nonce): repeated transmissions of one model cannot be linked by content."))
+        findings.append(finding(
+            "note",
             "Metadata in clear (authenticated, not encrypted): federation tag, round, sender, recipient, message kind "
-            "and total size. Who talks to whom and when is visible to the eavesdropper."
-        )
+            "and total size. Who talks to whom and when is visible to the eavesdropper.",
+        ))
     if all(e["same_size_for_different_models"] for e in envelopes):
-        findings.append("Two different models of one architecture give envelopes of identical size: sizes do not "
-                        "depend on the weights.")
+        findings.append(finding("note", "Two different models of one architecture give envelopes of identical size: "
+                                        "sizes do not depend on the weights."))
     findings.extend(sizes.pop("_findings"))
     if cfg.crypto.secure_aggregation == "ckks":
-        findings.append("CKKS secure averaging is on: CKKS ciphertexts also travel; their sizes depend only on the "
-                        "parameter count and the CKKS parameters, and their contents are encrypted (not analysed here).")
-    findings.append(
+        findings.append(finding("note", "CKKS secure averaging is on: CKKS ciphertexts also travel; their sizes depend "
+                                        "only on the parameter count and the CKKS parameters, and their contents are "
+                                        "encrypted (not analysed here)."))
+    findings.append(finding(
+        "note",
         "Measured on envelopes re-sealed with the run's channel settings and fresh ephemeral keys. This shows what "
         "the envelope format discloses; confidentiality itself rests on NaCl's security and on private keys "
-        "staying private (see the threat model's assumptions), which no test can prove."
-    )
+        "staying private (see the threat model's assumptions), which no test can prove.",
+    ))
 
     results: dict[str, Any] = {
         **results_header(run_dir, cfg, tm, fed),
@@ -289,26 +295,28 @@ def _size_table(cfg: Any, ds: Any, archs: Sequence[str], wanted: Sequence[int], 
     id_u = sum(r["identified_unpadded"] for r in peers_rows)
     id_p = sum(r["identified_padded"] for r in peers_rows)
     run_archs = sorted(set(archs[i] for i in wanted))
-    findings: list[str] = []
+    findings: list[Finding] = []
     distinct_u = len({table[a]["envelope_bytes_unpadded"] for a in run_archs})
-    findings.append(
+    findings.append(finding(
+        "note",
         f"Without padding, the {len(run_archs)} architecture(s) of this run give {distinct_u} distinct envelope "
         f"size(s); knowing the public model zoo ({len(table)} architectures for {ds.kind} data), an eavesdropper "
-        f"identifies the architecture of {id_u} of {len(peers_rows)} peers from sizes alone."
-    )
+        f"identifies the architecture of {id_u} of {len(peers_rows)} peers from sizes alone.",
+    ))
     if crypto.channel == "nacl":
         buckets: dict[int, list[str]] = {}
         for a, row in table.items():
             buckets.setdefault(row["envelope_bytes_padded"], []).append(a)
         shared = ["/".join(sorted(v)) + f" ({k} bytes)" for k, v in sorted(buckets.items()) if len(v) > 1]
-        findings.append(
+        findings.append(finding(
+            "note",
             f"With crypto.pad_messages (power-of-two buckets), it identifies {id_p} of {len(peers_rows)}; "
             + (f"architectures sharing a bucket are indistinguishable: {'; '.join(shared)}." if shared else
                "no two architectures share a bucket here, so padding hides fine size differences but not the "
-               "architecture (buckets differ by a factor of two).")
-        )
-        findings.append(f"This run used pad_messages = {str(cfg.crypto.pad_messages).lower()}: the eavesdropper's "
-                        f"view corresponds to the {'padded' if cfg.crypto.pad_messages else 'unpadded'} column.")
+               "architecture (buckets differ by a factor of two)."),
+        ))
+        findings.append(finding("note", f"This run used pad_messages = {str(cfg.crypto.pad_messages).lower()}: the eavesdropper's "
+                        f"view corresponds to the {'padded' if cfg.crypto.pad_messages else 'unpadded'} column."))
     return {"architectures": table, "peers": peers_rows, "identified_unpadded": id_u, "identified_padded": id_p,
             "run_pad_messages": cfg.crypto.pad_messages, "_findings": findings}
 

@@ -54,7 +54,7 @@ from secure_dfml.audit._epsilon import (
 )
 from secure_dfml.audit._reference import ReferenceModels, train_reference_models
 from secure_dfml.audit.report import findings as _findings
-from secure_dfml.audit.report import findings_list, html_table, is_unsupported_finding, page_head, render_html_report
+from secure_dfml.audit.report import Finding, finding, findings_list, html_table, page_head, render_html_report
 from secure_dfml.audit._runner import AuditResult, audit_model
 from secure_dfml.audit._threat_models import ThreatModel, load_threat_model
 from secure_dfml.audit._training import make_trainer, torch_generator
@@ -232,29 +232,31 @@ class _LedgerInfo:
         return dict(self.__dict__)
 
 
-def _ledgers(run: _RunDir, n_peers: int) -> tuple[dict[int, _LedgerInfo], list[str]]:
-    """Ledger epsilon per peer (empty when the run is not private) and notes."""
+def _ledgers(run: _RunDir, n_peers: int) -> tuple[dict[int, _LedgerInfo], list[Finding]]:
+    """Ledger epsilon per peer (empty when the run is not private) and warnings
+    about missing or unverifiable ledgers."""
     from secure_dfml.privacy import PrivacyLedger, ledger_path
 
-    notes: list[str] = []
+    notes: list[Finding] = []
     if not run.cfg.privacy.enabled:
         return {}, notes
     led_dir = run.path / "ledgers"
     if not led_dir.is_dir():
-        notes.append(f"privacy is enabled in the config but {led_dir} is missing: no ledger epsilon to compare with.")
+        notes.append(finding("warning", f"privacy is enabled in the config but {led_dir} is missing: no ledger "
+                                        "epsilon to compare with."))
         return {}, notes
     out: dict[int, _LedgerInfo] = {}
     for i in range(n_peers):
         p = ledger_path(led_dir, i)
         if not p.is_file():
             out[i] = _LedgerInfo(None, None, None, None, f"ledger file {p.name} is missing")
-            notes.append(f"peer {i}: ledger file {p} is missing; its epsilon is unknown.")
+            notes.append(finding("warning", f"peer {i}: ledger file {p} is missing; its epsilon is unknown."))
             continue
         try:
             led = PrivacyLedger.load(p)
         except SecureDFMLError as exc:
             out[i] = _LedgerInfo(None, None, None, None, str(exc))
-            notes.append(f"peer {i}: ledger failed verification: {exc}")
+            notes.append(finding("warning", f"peer {i}: ledger failed verification: {exc}"))
             continue
         out[i] = _LedgerInfo(float(led.spent_epsilon), float(led.delta), led.target_epsilon, led.accountant)
     return out, notes
@@ -544,10 +546,10 @@ def audit_run_dir(
         base["peers"] = {}
         base["fail"] = False
         base["findings"] = [
-            f"Nothing to attack for the '{tm.name}' threat model: {absent}",
+            finding("note", f"Nothing to attack for the '{tm.name}' threat model: {absent}"),
             *ledger_notes,
-            "This is a statement about what the adversary could observe in this run; other threat models "
-            "(e.g. final-model) still apply.",
+            finding("note", "This is a statement about what the adversary could observe in this run; other threat "
+                            "models (e.g. final-model) still apply."),
         ]
         _write(out_dir, base, _render_absent_html(base, tm))
         return base
@@ -675,7 +677,7 @@ def audit_run_dir(
         per_owner.setdefault(e["_owner"], []).append(e["target"])
     peers_out: dict[str, Any] = {}
     checks: list[LedgerComparison] = []
-    extra_findings: list[str] = list(ledger_notes)
+    extra_findings: list[Finding] = list(ledger_notes)
     fail = False
     for owner, keys in sorted(per_owner.items()):
         tests = len(keys) * len(names)
@@ -699,8 +701,8 @@ def audit_run_dir(
                     best = {**lb, "target": e["target"], "attack": name}
                 if led is not None and led.epsilon is not None:
                     for v in dp_consistency_violations(r.metrics, led.epsilon, led.delta or 0.0):
-                        extra_findings.append(f"Peer {owner}, {e['target']}, {name}: {v} (bootstrap interval; "
-                                              "indicative, not a certified violation).")
+                        extra_findings.append(finding("warning", f"Peer {owner}, {e['target']}, {name}: {v} "
+                                                      "(bootstrap interval; indicative, not a certified violation)."))
         assert best is not None
         entry_o: dict[str, Any] = {
             "data_owner": owner,
@@ -737,13 +739,14 @@ def audit_run_dir(
     notes = [_skip_text(s) for s in skipped]
     lib = _collapse_unsupported(_findings(audits, threat_model=tm), target_entries)
     base["findings"] = (
-        ["FAIL: " + c.message for c in checks if c.failed]
+        [finding("fail", c.message) for c in checks if c.failed]
         + extra_findings
         + lib[:-2]
-        + [f"Not audited / note: {n}" for n in notes]
-        + ["Empirical epsilon lower bounds use Clopper-Pearson intervals on one threshold (chosen on half of the "
-           "samples, evaluated on the other half), treating audit samples as independent trials, at the stated "
-           "confidence after a Bonferroni correction over each peer's targets and attacks."]
+        + [finding("note", f"Not audited: {n}") for n in notes]
+        + [finding("note", "Empirical epsilon lower bounds use Clopper-Pearson intervals on one threshold (chosen on "
+                           "half of the samples, evaluated on the other half), treating audit samples as independent "
+                           "trials, at the stated confidence after a Bonferroni correction over each peer's targets "
+                           "and attacks.")]
         + lib[-2:]  # the threat model's assumptions, then: a failed attack is not proof of privacy
     )
     report = _render_html(base, tm, audits, checks, skipped)
@@ -751,22 +754,22 @@ def audit_run_dir(
     return base
 
 
-def _collapse_unsupported(lines: Sequence[str], entries: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Replace the per-(target, attack, level) "TPR not reported" notes by one line."""
-    unsupported = [f for f in lines if is_unsupported_finding(f)]
-    out = [f for f in lines if f and f not in unsupported]
+def _collapse_unsupported(lines: Sequence[Finding], entries: Sequence[Mapping[str, Any]]) -> list[Finding]:
+    """Replace the per-(target, attack, level) "TPR not reported" findings by one."""
+    unsupported = [f for f in lines if f["level"] == "unsupported"]
+    out = [f for f in lines if f["level"] != "unsupported"]
     if unsupported:
         levels: set[str] = set()
         for e in entries:
             for a in e["attacks"].values():
                 levels.update(k for k, v in a["metrics"]["tpr_at_fpr"].items() if v["value"] is None)
         sizes = [e["n_nonmembers"] for e in entries]
-        out.insert(
-            max(0, len(out) - 2),
+        out.insert(max(0, len(out) - 2), finding(
+            "unsupported",
             f"TPR at FPR {', '.join(sorted(levels, key=float))} is not reported for {len(unsupported)} "
             f"(target, attack, level) combinations: {min(sizes)}-{max(sizes)} non-members per target cannot support "
             "such low false-positive rates (n_nonmembers x FPR >= 1 is needed); the report table gives the reasons.",
-        )
+        ))
     return out
 
 
@@ -886,13 +889,14 @@ def _render_html(results: Mapping[str, Any], tm: ThreatModel, audits: Mapping[st
             f"{t['target']}: {t['n_members']} members / {t['n_nonmembers']} non-members" for t in results["targets"]),
     }
     return render_html_report(audits, title=f"Membership-inference audit: {tm.name}", threat_model=tm,
-                              ledger_checks=checks, extra=extra, sections=[_epsilon_section(results, skipped)])
+                              ledger_checks=checks, extra=extra, sections=[_epsilon_section(results, skipped)],
+                              report_findings=results["findings"])
 
 
-def render_simple_html(title: str, tm: ThreatModel | None, body: Sequence[str], findings: Sequence[str]) -> str:
+def render_simple_html(title: str, tm: ThreatModel | None, body: Sequence[str], findings: Sequence[Finding]) -> str:
     """A self-contained page in the audit report's style (no figures)."""
     parts = page_head(title, tm)
-    parts.append(findings_list(findings, lambda f: f.startswith(("FAIL", "INSECURE"))))
+    parts.append(findings_list(findings))
     parts.extend(body)
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -13,9 +13,9 @@ import html
 import io
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -24,7 +24,8 @@ from secure_dfml.audit._runner import AttackResult, AuditResult
 from secure_dfml.audit._threat_models import ThreatModel
 from secure_dfml.errors import AuditError
 
-__all__ = ["findings", "render_html_report", "roc_figure_png", "write_html_report"]
+__all__ = ["FINDING_LEVELS", "Finding", "finding", "finding_line", "findings", "render_html_report", "roc_figure_png",
+           "write_html_report"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -77,18 +78,42 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100.0 * x:.2f}%"
 
 
-_QUIET = "did not detect membership beyond chance"
-_UNSUPPORTED = ("TPR at FPR", "not reported")
+class Finding(TypedDict):
+    """One plain-language finding of an audit, as results files store it."""
+
+    level: str  # one of FINDING_LEVELS
+    text: str
 
 
-def is_quiet_finding(text: str) -> bool:
-    """True for a :func:`findings` line saying an attack found no signal beyond chance."""
-    return _QUIET in text
+#: what a finding says, most severe first; the first three print with their label
+#: ("FAIL: ...") and are highlighted in reports
+FINDING_LEVELS: dict[str, str] = {
+    "fail": "an audited guarantee is violated (e.g. measured leakage exceeds the ledger epsilon)",
+    "insecure": "the configuration gives no protection for this view (e.g. a plaintext channel)",
+    "warning": "something to investigate: indicative, not a certified violation",
+    "leak": "an attack detects membership better than chance",
+    "quiet": "an attack found no signal beyond chance (which is not evidence of privacy)",
+    "unsupported": "a metric not reported because the audit data cannot support it",
+    "note": "context: scope, method, assumptions",
+}
+_ALERTS = ("fail", "insecure", "warning")
 
 
-def is_unsupported_finding(text: str) -> bool:
-    """True for a :func:`findings` line saying a TPR at some FPR is not reported (too few non-members)."""
-    return all(part in text for part in _UNSUPPORTED)
+def finding(level: str, text: str) -> Finding:
+    """A :class:`Finding`; ``level`` must be one of :data:`FINDING_LEVELS`."""
+    if level not in FINDING_LEVELS:
+        raise ValueError(f"unknown finding level {level!r}; use one of {', '.join(FINDING_LEVELS)}")
+    return {"level": level, "text": text}
+
+
+def is_alert(f: Finding) -> bool:
+    """True for the levels that are highlighted: fail, insecure, warning."""
+    return f["level"] in _ALERTS
+
+
+def finding_line(f: Finding) -> str:
+    """The finding as one line of text, labelled ("FAIL: ...") when it is an alert."""
+    return f"{f['level'].upper()}: {f['text']}" if is_alert(f) else f["text"]
 
 
 def findings(
@@ -96,14 +121,14 @@ def findings(
     *,
     ledger_checks: Sequence[LedgerComparison] = (),
     threat_model: ThreatModel | None = None,
-) -> list[str]:
+) -> list[Finding]:
     """Plain-language findings, most severe first."""
-    severe: list[str] = []
-    leaks: list[str] = []
-    quiet: list[str] = []
-    notes: list[str] = []
+    severe: list[Finding] = []
+    leaks: list[Finding] = []
+    quiet: list[Finding] = []
+    notes: list[Finding] = []
     for check in ledger_checks:
-        (severe if check.failed else notes).append(check.message)
+        (severe if check.failed else notes).append(finding("fail" if check.failed else "note", check.message))
     for peer, res in peer_results.items():
         for name, r in _attack_map(res).items():
             m = r.metrics
@@ -114,26 +139,31 @@ def findings(
                     if est.value is not None:
                         lvl_txt.append(f"at a {lvl:.1%} false-positive rate it flags {_pct(est.value)} of members")
                 extra = ("; " + "; ".join(lvl_txt)) if lvl_txt else ""
-                leaks.append(
+                leaks.append(finding(
+                    "leak",
                     f"Peer {peer}: {name} detects membership better than chance (AUC {a.value:.3f}, "
-                    f"{m.confidence:.0%} CI [{a.ci_low:.3f}, {a.ci_high:.3f}] excludes 0.5){extra}."
-                )
+                    f"{m.confidence:.0%} CI [{a.ci_low:.3f}, {a.ci_high:.3f}] excludes 0.5){extra}.",
+                ))
             else:
-                quiet.append(
-                    f"Peer {peer}: {name} {_QUIET} (AUC {a.value:.3f}"
+                quiet.append(finding(
+                    "quiet",
+                    f"Peer {peer}: {name} did not detect membership beyond chance (AUC {a.value:.3f}"
                     + (f", CI [{a.ci_low:.3f}, {a.ci_high:.3f}]" if a.ci_low is not None else "")
-                    + "). This is not evidence that the model is private."
-                )
+                    + "). This is not evidence that the model is private.",
+                ))
             for lvl, est in m.tpr_at_fpr.items():
                 if est.value is None and est.reason:
-                    notes.append(f"Peer {peer}, {name}: {_UNSUPPORTED[0]} {lvl:g} {_UNSUPPORTED[1]}: {est.reason}.")
-    out = severe + leaks + quiet + sorted(set(notes))
+                    notes.append(finding("unsupported", f"Peer {peer}, {name}: TPR at FPR {lvl:g} not reported: "
+                                                        f"{est.reason}."))
+    unique_notes = {f["text"]: f for f in notes}
+    out = severe + leaks + quiet + [unique_notes[t] for t in sorted(unique_notes)]
     if threat_model is not None:
-        out.append(
+        out.append(finding(
+            "note",
             f"These results hold for the '{threat_model.name}' threat model (view: {threat_model.view}) and its "
-            f"assumptions: {'; '.join(threat_model.assumptions)}."
-        )
-    out.append(_NOT_PROOF)
+            f"assumptions: {'; '.join(threat_model.assumptions)}.",
+        ))
+    out.append(finding("note", _NOT_PROOF))
     return out
 
 
@@ -203,9 +233,9 @@ def page_head(title: str, threat_model: ThreatModel | None) -> list[str]:
     return parts
 
 
-def findings_list(items: Sequence[str], failed: Callable[[str], bool]) -> str:
-    """The findings as an HTML list; those ``failed`` says so are highlighted."""
-    rows = [f"<li class='fail'>{html.escape(f)}</li>" if failed(f) else f"<li>{html.escape(f)}</li>" for f in items]
+def findings_list(items: Sequence[Finding]) -> str:
+    """The findings as an HTML list, alerts (fail, insecure, warning) highlighted."""
+    rows = [("<li class='fail'>" if is_alert(f) else "<li>") + html.escape(finding_line(f)) + "</li>" for f in items]
     return "<h2>Findings</h2><ul>" + "".join(rows) + "</ul>"
 
 
@@ -217,15 +247,17 @@ def render_html_report(
     ledger_checks: Sequence[LedgerComparison] = (),
     extra: Mapping[str, Any] | None = None,
     sections: Sequence[str] = (),
+    report_findings: Sequence[Finding] | None = None,
 ) -> str:
     """The whole report as one HTML string (figures inlined); ``sections`` (HTML)
-    go before the per-attack results."""
+    go before the per-attack results; ``report_findings`` replace the
+    :func:`findings` of ``peer_results`` when given."""
     if not peer_results:
         raise AuditError("nothing to report: no audit results")
-    failed = {c.message for c in ledger_checks if c.failed}
     parts = page_head(title, threat_model)
-    parts.append(findings_list(findings(peer_results, ledger_checks=ledger_checks, threat_model=threat_model),
-                               lambda f: f in failed))
+    if report_findings is None:
+        report_findings = findings(peer_results, ledger_checks=ledger_checks, threat_model=threat_model)
+    parts.append(findings_list(report_findings))
     if ledger_checks:
         parts.append("<h2>Empirical epsilon vs ledger</h2>")
         parts.append(html_table(

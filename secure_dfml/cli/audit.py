@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import numpy as np
 import typer
@@ -31,6 +31,9 @@ from rich.table import Table
 
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
 from secure_dfml.errors import AuditError
+
+if TYPE_CHECKING:
+    from secure_dfml.audit.report import Finding
 
 __all__ = ["audit"]
 
@@ -83,16 +86,15 @@ def _status_style(status: str) -> str:
     return {"FAIL": "[bold red]FAIL[/]", "CONSISTENT": "[green]CONSISTENT[/]"}.get(status, status)
 
 
-def _print_findings(findings: list[str]) -> None:
-    from secure_dfml.audit.report import is_quiet_finding
+def _print_findings(findings: list[Finding]) -> None:
+    from secure_dfml.audit.report import finding_line
 
-    quiet = [f for f in findings if is_quiet_finding(f)]
+    quiet = [f for f in findings if f["level"] == "quiet"]
     console.print("[bold]Findings[/]")
     for f in findings:
-        if f in quiet:
-            continue
-        style = "bold red" if f.startswith(("FAIL", "INSECURE")) else None
-        console.print(f"- {f}", style=style, highlight=False, soft_wrap=True)
+        if f["level"] != "quiet":
+            style = {"fail": "bold red", "insecure": "bold red", "warning": "yellow"}.get(f["level"])
+            console.print(f"- {finding_line(f)}", style=style, highlight=False, soft_wrap=True)
     if quiet:
         console.print(f"- {len(quiet)} (target, attack) pair(s) found no membership signal beyond chance. That is not "
                       "evidence that the models are private.", highlight=False, soft_wrap=True)
