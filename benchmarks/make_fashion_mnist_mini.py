@@ -1,7 +1,8 @@
 """Rebuild secure_dfml/resources/data/fashion-mnist-mini.npz from the official idx files.
 
-Fashion-MNIST (MIT licence, Zalando Research): a stratified 20,000 / 2,000
-train/test subset, downsampled to 14x14 by 2x2 mean pooling, stored as uint8.
+Fashion-MNIST (MIT licence, Zalando Research): all 60,000 training images
+and a stratified 2,000-image test subset, downsampled to 14x14 by 2x2 mean
+pooling, stored as uint8.
 Usage: python benchmarks/make_fashion_mnist_mini.py [FASHION_MNIST_DIR]
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 SEED = 20261126
-N_TRAIN, N_TEST = 20_000, 2_000
+N_TRAIN, N_TEST = 60_000, 2_000  # all training images; a stratified test subset
 
 
 def _read(path: Path, offset: int) -> np.ndarray:

@@ -478,3 +478,5 @@ def test_bundled_fashion_mnist_mini_needs_no_files():
     assert ds.input_shape == (1, 14, 14) and ds.num_classes == 10
     assert len(ds.y_train) == 1000 and len(ds.y_test) == 2000
     assert abs(float(ds.x_train.mean())) < 0.1  # fixed Fashion-MNIST constants centre the data
+    full = load_dataset(DataConfig(name="fashion-mnist-mini"))  # all 60,000 training images, 6,000 per class
+    assert np.bincount(full.y_train).tolist() == [6000] * 10 and np.bincount(full.y_test).tolist() == [200] * 10

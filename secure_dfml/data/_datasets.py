@@ -458,8 +458,9 @@ FASHION_MINI_FILE = Path(__file__).resolve().parents[1] / "resources" / "data" /
 
 
 def _load_fashion_mnist_mini(cfg: DataConfig, rng: np.random.Generator) -> ArrayDataset:
-    """Stratified 20,000/2,000 Fashion-MNIST subset at 14x14 (2x2 mean pooled),
-    shipped with the package (MIT licence) so the default run needs no files.
+    """Fashion-MNIST at 14x14 (2x2 mean pooled): all 60,000 training images and a
+    stratified 2,000-image test subset, shipped with the package (MIT licence) so
+    the default run needs no files.
     Rebuilt by benchmarks/make_fashion_mnist_mini.py."""
     try:
         with np.load(FASHION_MINI_FILE, allow_pickle=False) as z:
@@ -484,7 +485,7 @@ def _load_fashion_mnist_mini(cfg: DataConfig, rng: np.random.Generator) -> Array
 
 _REGISTRY: dict[str, _Builtin] = {
     "fashion-mnist-mini": _Builtin(
-        _load_fashion_mnist_mini, "bundled", "Fashion-MNIST subset shipped with secure_dfml, 20k/2k 14x14, 10 classes"
+        _load_fashion_mnist_mini, "bundled", "Fashion-MNIST at 14x14 shipped with secure_dfml, 60k/2k, 10 classes"
     ),
     "digits": _Builtin(_load_digits, "bundled", "scikit-learn digits, 1,797 8x8 greyscale images, 10 classes"),
     "breast-cancer": _Builtin(_load_breast_cancer, "bundled", "scikit-learn breast cancer, 569 patients x 30 features"),
