@@ -21,9 +21,9 @@ def fresh_dir(path: Path) -> Path:
 
 
 def swap_into_place(tmp: Path, final: Path) -> Path:
-    """Rename the finished folder ``tmp`` to ``final``, replacing an earlier
-    ``final`` only after the new one is in place of it (the old one is moved to a
-    backup sibling first and removed last)."""
+    """Rename the finished folder ``tmp`` to ``final``.  An earlier ``final`` is
+    moved to a backup sibling first and removed only once ``tmp`` has taken its
+    place."""
     if final.exists():
         backup = final.with_name(f".{final.name}.old-{os.getpid()}")
         if backup.exists():

@@ -43,6 +43,7 @@ __all__ = ["CANARY_FORMAT", "run_canary_audit"]
 _LOG = logging.getLogger(__name__)
 
 CANARY_FORMAT = "secure-dfml-canary-audit"
+CANARY_VERSION = 2  # 2: findings are {level, text} records (were strings)
 _K_FRACTIONS = (0.1, 0.25, 0.5)
 
 
@@ -178,7 +179,7 @@ def run_canary_audit(
         ))
         results: dict[str, Any] = {
             "format": CANARY_FORMAT,
-            "version": 1,
+            "version": CANARY_VERSION,
             "created": utc_now(),
             "output_dir": str(out),
             "federation": cfg.federation.id,

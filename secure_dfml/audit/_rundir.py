@@ -74,7 +74,7 @@ __all__ = [
 _LOG = logging.getLogger(__name__)
 
 RESULTS_FORMAT = "secure-dfml-audit"
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2  # 2: findings are {level, text} records (were strings)
 
 #: ``progress(done, total, what)``: called after each reference model is trained.
 AuditProgress = Callable[[int, int, str], None]
