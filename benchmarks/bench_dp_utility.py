@@ -3,7 +3,7 @@
 Fashion-MNIST, 10 peers, Dirichlet(0.5) non-IID split, heterogeneous models: the
 built-in federation of ``secure-dfml run`` (``secure_dfml.config.default_config``:
 scatter-linear / scatter-cnn / scatter-mlp cycled over peers, 20 rounds, all peers per
-round in 2 groups, batch 256, lr 0.1, 8 mutual-learning epochs, DP class prior,
+round in 2 groups, batch 256, lr 0.1, 4 mutual-learning epochs, DP class prior,
 per-model clipping, noise planned on the public schedule).  Each budget is one
 point of :func:`secure_dfml.privacy.tune_budgets` -- the same federation, seed
 and data split at every point -- so the table is exactly what

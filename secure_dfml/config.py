@@ -443,9 +443,10 @@ BUILT_IN_MIX: tuple[str, ...] = ("scatter-linear", "scatter-cnn", "scatter-mlp")
 def default_config() -> RunConfig:
     """The built-in federation `secure-dfml run` trains when given no config:
     10 peers with 3 small architectures on a dirichlet(0.5) split of the bundled
-    Fashion-MNIST-mini (all 60,000 training images at 14x14: about 6,000 per
-    peer, so a batch of 256 samples 4% of a peer's data and subsampling
-    amplifies privacy); every round all peers take part in 2 groups of 5; models travel in NaCl envelopes; DP-SGD with a budget
+    Fashion-MNIST-mini (all 60,000 training images at 14x14: 1,600 to 7,900
+    training records per peer, 4,100 on average, so a batch of 256 is a small
+    sample of a peer's data and subsampling amplifies privacy); every round all
+    peers take part in 2 groups of 5; models travel in NaCl envelopes; DP-SGD with a budget
     of (epsilon 8, delta 1e-5) per peer (secure by default: privacy is on).
 
     Training settings are tuned for DP at epsilon 8: batch 256, lr 0.1 decayed
