@@ -17,7 +17,7 @@ sweeps at a time in worker processes (``--jobs``).
 Target: at epsilon 8, within 5 points of non-private (same settings), judged on
 the mean gap over the seeds; each seed's gap is reported beside it.
 
-    python benchmarks/bench_dp_utility.py --quick        # fashion-mnist-mini (bundled, 60k 14x14 images; ~25 min on 2 cores)
+    python benchmarks/bench_dp_utility.py --quick        # fashion-mnist-mini (bundled, 60k 14x14 images; 37 min with --jobs 3 on 2 cores)
     python benchmarks/bench_dp_utility.py                # + the real Fashion-MNIST (../shared/data, 60k 28x28; not run for this release)
     python benchmarks/bench_dp_utility.py --ablate       # epsilon 8: what each DP design choice is worth
 
@@ -362,7 +362,7 @@ def render_ablation_md(out: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fashion-mnist-mini only (about 15 minutes on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="fashion-mnist-mini only (37 minutes with --jobs 3 on 2 cores)")
     ap.add_argument("--rounds", type=int, default=None, help="override federation.rounds (default: 20)")
     ap.add_argument("--seeds", default="0,1,2", help="federation seeds (data split, models, noise); the target is "
                     "judged on the mean gap over them (default: 0,1,2)")
