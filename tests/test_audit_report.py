@@ -16,7 +16,7 @@ from secure_dfml.audit import (
     render_html_report,
     write_html_report,
 )
-from secure_dfml.audit.report import FINDING_LEVELS, finding, finding_line
+from secure_dfml.audit.report import FINDING_LEVELS, by_severity, finding, finding_line
 
 
 def _result(name: str, strength: float, rng: np.random.Generator, n_non: int = 600) -> AttackResult:
@@ -76,5 +76,7 @@ def test_finding_levels_are_checked() -> None:
     assert finding("warning", "x") == {"level": "warning", "text": "x"}
     assert finding_line(finding("insecure", "plain channel")) == "INSECURE: plain channel"
     assert finding_line(finding("note", "context")) == "context"
+    mixed = [finding("note", "a"), finding("warning", "b"), finding("note", "c"), finding("fail", "d")]
+    assert [f["text"] for f in by_severity(mixed)] == ["d", "b", "a", "c"]  # stable within a level
     with pytest.raises(ValueError, match="fail, insecure, warning"):
         finding("severe", "x")

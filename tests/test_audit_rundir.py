@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from secure_dfml import build_federation, config_from_dict, load_config, run_federation
 from secure_dfml.audit import (
+    FINDING_LEVELS,
     audit_run_dir,
     byte_uniformity_p_value,
     load_threat_model,
@@ -259,6 +260,8 @@ def test_eavesdropper_learns_only_sizes(run_dir: Path) -> None:
     _check_layout(res, run_dir, "eavesdropper")
     assert res["status"] == "analysed" and res["fail"] is False and res["channel"]["secure"] is True
     assert len(res["envelopes"]) == 4
+    levels = [f["level"] for f in res["findings"]]
+    assert levels == sorted(levels, key=list(FINDING_LEVELS).index) and "note" in levels
     for e in res["envelopes"]:
         assert e["attempts"] and all(not a["opened"] and a["crypto_error"] for a in e["attempts"])
         assert {a["error"] for a in e["attempts"]} == {"DecryptionError", "BadSignatureError"}

@@ -48,7 +48,7 @@ from secure_dfml.audit._rundir import (
     selected_peers,
 )
 from secure_dfml.audit._threat_models import ThreatModel
-from secure_dfml.audit.report import Finding, finding, html_table
+from secure_dfml.audit.report import Finding, by_severity, finding, html_table
 from secure_dfml.crypto import (
     HEADER_BYTES,
     KeyRing,
@@ -254,7 +254,7 @@ def analyse_envelopes(
         "envelopes": envelopes,
         "sizes": sizes,
         "fail": bool(opened_any),
-        "findings": findings,
+        "findings": by_severity(findings),
     }
     return results, _render(results, tm)
 

@@ -24,8 +24,8 @@ from secure_dfml.audit._runner import AttackResult, AuditResult
 from secure_dfml.audit._threat_models import ThreatModel
 from secure_dfml.errors import AuditError
 
-__all__ = ["FINDING_LEVELS", "Finding", "finding", "finding_line", "findings", "render_html_report", "roc_figure_png",
-           "write_html_report"]
+__all__ = ["FINDING_LEVELS", "Finding", "by_severity", "finding", "finding_line", "findings", "render_html_report",
+           "roc_figure_png", "write_html_report"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -111,6 +111,12 @@ def is_alert(f: Finding) -> bool:
     return f["level"] in _ALERTS
 
 
+def by_severity(items: Sequence[Finding]) -> list[Finding]:
+    """``items`` most severe first (:data:`FINDING_LEVELS` order; stable within a level)."""
+    order = list(FINDING_LEVELS)
+    return sorted(items, key=lambda f: order.index(f["level"]))
+
+
 def finding_line(f: Finding) -> str:
     """The finding as one line of text, labelled ("FAIL: ...") when it is an alert."""
     return f"{f['level'].upper()}: {f['text']}" if is_alert(f) else f["text"]
@@ -126,6 +132,7 @@ def findings(
     severe: list[Finding] = []
     leaks: list[Finding] = []
     quiet: list[Finding] = []
+    unsupported: list[Finding] = []
     notes: list[Finding] = []
     for check in ledger_checks:
         (severe if check.failed else notes).append(finding("fail" if check.failed else "note", check.message))
@@ -153,10 +160,10 @@ def findings(
                 ))
             for lvl, est in m.tpr_at_fpr.items():
                 if est.value is None and est.reason:
-                    notes.append(finding("unsupported", f"Peer {peer}, {name}: TPR at FPR {lvl:g} not reported: "
-                                                        f"{est.reason}."))
-    unique_notes = {f["text"]: f for f in notes}
-    out = severe + leaks + quiet + [unique_notes[t] for t in sorted(unique_notes)]
+                    unsupported.append(finding("unsupported", f"Peer {peer}, {name}: TPR at FPR {lvl:g} not "
+                                                              f"reported: {est.reason}."))
+    unique = {f["text"]: f for f in unsupported}
+    out = severe + leaks + quiet + [unique[t] for t in sorted(unique)] + notes
     if threat_model is not None:
         out.append(finding(
             "note",
