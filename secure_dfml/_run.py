@@ -226,15 +226,23 @@ def run_federation(
     """Run ``cfg`` and write its run directory; returns the summary dict.
 
     Results are written to ``<out>.partial`` and renamed into place only when
-    the run succeeds, so a failed run never damages an earlier run directory
-    (ledgers in the partial directory are kept: spent budget is never lost).
+    the run succeeds, so a failed run never damages an earlier run directory.
+    Spent budget is never lost: a failed run's partial directory stays, and a
+    later run into the same ``out`` moves one that holds ledgers aside to
+    ``<out>.crashed-<time in ns>`` before it starts.
     """
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise RunDirectoryError(
             f"{run_dir} already holds results; choose another --out or pass --overwrite to replace them."
         )
-    partial = fresh_dir(run_dir.with_name(run_dir.name + ".partial"))
+    partial = run_dir.with_name(run_dir.name + ".partial")
+    if any((partial / "ledgers").glob("*.json")):
+        kept = run_dir.with_name(f"{run_dir.name}.crashed-{time.time_ns()}")
+        partial.rename(kept)
+        logger.warning("an earlier run into %s stopped before finishing; the privacy ledgers it wrote are kept in %s",
+                       run_dir, kept)
+    fresh_dir(partial)
     fed = build_federation(cfg, ledger_dir=partial / "ledgers")
     (partial / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")
     t0 = time.perf_counter()

@@ -153,11 +153,13 @@ def test_crash_mid_run_keeps_earlier_results_and_the_spent_budget(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_federation(cfg, tmp_path / "run", overwrite=True, plot=False, on_round=crash)
     assert (tmp_path / "run" / "summary.json").read_text() == marker
-    ledgers = [json.loads(p.read_text()) for p in (tmp_path / "run.partial" / "ledgers").glob("peer_*.json")]
+    ledgers = [json.loads(p.read_text()) for p in sorted((tmp_path / "run.partial" / "ledgers").glob("peer_*.json"))]
     assert ledgers and any(led["entries"] for led in ledgers)  # round 1's mechanisms stay recorded
-    run_federation(cfg, tmp_path / "run", overwrite=True, plot=False)  # a rerun replaces both
+    run_federation(cfg, tmp_path / "run", overwrite=True, plot=False)  # a rerun replaces the results...
     assert not (tmp_path / "run.partial").exists()
     assert not list(tmp_path.glob(".run.old-*"))
+    (kept,) = tmp_path.glob("run.crashed-*")  # ...and moves the crashed run's ledgers aside, never deletes them
+    assert [json.loads(p.read_text()) for p in sorted((kept / "ledgers").glob("peer_*.json"))] == ledgers
 
 
 @pytest.mark.slow
