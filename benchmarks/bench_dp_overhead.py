@@ -2,7 +2,7 @@
 
     python benchmarks/bench_dp_overhead.py [--reps 15] [--threads 0] [--out benchmarks/results]
     # the built-in federation's models and its mutual-learning step, at its input size and batch:
-    python benchmarks/bench_dp_overhead.py --models scatter-linear scatter-cnn mlp-small --joint built-in \
+    python benchmarks/bench_dp_overhead.py --models scatter-linear scatter-cnn scatter-mlp --joint built-in \
         --image-size 14 --batch 256 --out benchmarks/results/dp_overhead_builtin
 
 Workloads (Fashion-MNIST-shaped synthetic input, 1x28x28 unless --image-size, batch 64 unless

@@ -211,13 +211,13 @@ def render_md(data: dict[str, Any]) -> str:
         refused = "-" if r["phases_refused"] is None or r["epsilon"] == "inf" else \
             f"{r['phases_refused']}/{r['phases_refused'] + r['phases_run']}"
         lines.append(
-            f"| {r['dataset']} | {r['settings']} | {r.get('seed', 0)} | {eps} | {pct(r['mean_global_acc'])} | "
+            f"| {r['dataset']} | {r['settings']} | {r['seed']} | {eps} | {pct(r['mean_global_acc'])} | "
             f"{pct(r.get('last5_mean_global_acc'))} | {pct(r['best_mean_global_acc'])} | {gap} | {spent} | {refused} | {arch} | "
             f"{r['seconds_per_round'] or 0:.2f} |"
         )
     lines += ["", "Target: at epsilon 8, within 5 points of non-private (same settings; mean over the seeds)."]
     for t in data["target_rows"]:
-        per_seed = ", ".join(f"seed {k}: {v:.1f}" for k, v in t.get("gap_per_seed", {}).items())
+        per_seed = ", ".join(f"seed {k}: {v:.1f}" for k, v in t["gap_per_seed"].items())
         lines.append(f"- {t['dataset']} / {t['settings']}: mean gap at epsilon 8 = {t['gap']:.1f} points "
                      f"({per_seed}) -> {'MET' if t['met'] else 'MISSED'}")
     lines.append("")
@@ -233,8 +233,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     finite = sorted({float(r["epsilon"]) for r in rows if r["epsilon"] != "inf"})
     inf_x = finite[-1] * 2.5 if finite else 1.0
-    for key in sorted({(r["dataset"], r["settings"], r.get("seed", 0)) for r in rows}):
-        pts = [r for r in rows if (r["dataset"], r["settings"], r.get("seed", 0)) == key
+    for key in sorted({(r["dataset"], r["settings"], r["seed"]) for r in rows}):
+        pts = [r for r in rows if (r["dataset"], r["settings"], r["seed"]) == key
                and r["mean_global_acc"] is not None]
         xs = [inf_x if r["epsilon"] == "inf" else float(r["epsilon"]) for r in pts]
         order = np.argsort(xs)
