@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from secure_dfml.errors import SecureDFMLError
 
@@ -39,6 +40,11 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
+def error_text(message: str) -> Text:
+    """``error: <message>`` with the message as plain text (no rich markup)."""
+    return Text.assemble(("error:", "bold red"), " ", message)
+
+
 def friendly_errors(fn: F) -> F:
     """Turn SecureDFMLError into a one-line message and exit code 2."""
 
@@ -47,7 +53,9 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except SecureDFMLError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # The library's message is printed literally: it names config sections
+            # such as [data] that rich would otherwise read as markup and drop.
+            err_console.print(error_text(str(exc)), highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
