@@ -132,6 +132,9 @@ class DFMLConfig:
     local_epochs: int = 0
     average_same_arch: bool = True
     sender_timeout: float = 30.0
+    # How long a sender waits for its model to come back (the aggregator's mutual
+    # learning runs in between), and a CKKS key holder for the sum to decrypt.
+    return_timeout: float = 900.0
     batch_size: int = 32
     lr: float = 0.05
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -153,6 +156,7 @@ class DFMLConfig:
         _require(self.local_epochs >= 0, f"{path}.local_epochs", self.local_epochs, "an integer >= 0")
         _require(self.temperature > 0, f"{path}.temperature", self.temperature, "a number > 0")
         _require(self.sender_timeout > 0, f"{path}.sender_timeout", self.sender_timeout, "seconds > 0")
+        _require(self.return_timeout > 0, f"{path}.return_timeout", self.return_timeout, "seconds > 0")
         _require(self.batch_size >= 1, f"{path}.batch_size", self.batch_size, "an integer >= 1")
         _require(self.lr > 0, f"{path}.lr", self.lr, "a number > 0")
         _require(0.0 <= self.lr_floor <= 1.0, f"{path}.lr_floor", self.lr_floor, "a fraction of lr in [0, 1]")
@@ -389,8 +393,12 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
 def load_config(path: str | Path) -> RunConfig:
     """Load a TOML config file; errors name the file and the offending key."""
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a directory; pass the path of a TOML file inside it (see README).")
+    if not p.exists():
         raise ConfigError(f"config file {p} does not exist; pass the path of a TOML file (see README).")
+    if not p.is_file():
+        raise ConfigError(f"config file {p} is not a regular file; pass the path of a TOML file (see README).")
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from secure_dfml.audit._rundir import audit_run_dir
 from secure_dfml.cli.main import app
+from secure_dfml.config import load_config
+from secure_dfml.errors import AuditError, ConfigError
 
 runner = CliRunner()
 
@@ -30,3 +34,37 @@ def test_cli_error_keeps_nested_section_names_and_examples(tmp_path: Path) -> No
     result = runner.invoke(app, ["run", "--config", str(cfg)])
     assert result.exit_code == 2
     assert "e.g. [privacy.peers.3]" in result.output
+
+
+# ---------------------------------------------------------------------------
+# 3. a directory given as a config, a file given as a run directory
+
+
+def test_config_path_that_is_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    result = runner.invoke(app, ["run", "--config", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "is a directory" in result.output and "does not exist" not in result.output
+
+
+def test_audit_given_a_file_says_it_is_not_a_run_directory(tmp_path: Path) -> None:
+    f = tmp_path / "summary.json"
+    f.write_text("{}")
+    result = runner.invoke(app, ["audit", str(f), "-t", "final-model"])
+    assert result.exit_code == 2
+    assert "is a file, not a run directory" in result.output and "does not exist" not in result.output
+    with pytest.raises(AuditError, match="is a file, not a run directory"):
+        audit_run_dir(f, threat_model="final-model", rng=np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------------------
+# 7. --attacks '' is an error, not the default attacks
+
+
+@pytest.mark.parametrize("value", ["", " ", ",", " , "])
+def test_audit_empty_attack_list_is_an_error(tmp_path: Path, value: str) -> None:
+    (tmp_path / "run").mkdir()
+    result = runner.invoke(app, ["audit", str(tmp_path / "run"), "-t", "final-model", "--attacks", value])
+    assert result.exit_code == 2
+    assert "names no attack" in result.output and "--attacks loss,population" in result.output

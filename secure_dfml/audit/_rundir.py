@@ -163,6 +163,11 @@ def _load_run_dir(run_dir: str | Path) -> _RunDir:
     from secure_dfml.config import load_config
 
     path = Path(run_dir)
+    if path.is_file():
+        raise AuditError(
+            f"{path} is a file, not a run directory; pass the folder written by `secure-dfml run` "
+            "(the one holding config.toml)."
+        )
     if not path.is_dir():
         raise AuditError(f"run directory {path} does not exist; pass a folder written by `secure-dfml run`.")
     if not (path / "config.toml").is_file():

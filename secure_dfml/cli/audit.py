@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import numpy as np
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -63,6 +64,17 @@ def _parse_peers(text: str | None) -> list[int] | None:
     return sorted(set(out))
 
 
+def _parse_attacks(text: str | None) -> list[str] | None:
+    """``--attacks`` as a list of names; None (the defaults) only when the option is absent."""
+    if text is None:
+        return None
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    if not names:
+        raise AuditError(f"--attacks {text!r} names no attack; list some, e.g. --attacks loss,population, "
+                         "or omit --attacks for the defaults (loss,population,lira,rmia)")
+    return names
+
+
 def _progress(fmt: OutputFormat) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
@@ -94,7 +106,7 @@ def _print_findings(findings: list[Finding]) -> None:
     for f in findings:
         if f["level"] != "quiet":
             style = {"fail": "bold red", "insecure": "bold red", "warning": "yellow"}.get(f["level"])
-            console.print(f"- {finding_line(f)}", style=style, highlight=False, soft_wrap=True)
+            console.print(f"- {escape(finding_line(f))}", style=style, highlight=False, soft_wrap=True)
     if quiet:
         console.print(f"- {len(quiet)} (target, attack) pair(s) found no membership signal beyond chance. That is not "
                       "evidence that the models are private.", highlight=False, soft_wrap=True)
@@ -103,8 +115,8 @@ def _print_findings(findings: list[Finding]) -> None:
 def _print_mia(res: dict[str, Any]) -> None:
     tm = res["threat_model"]["name"]
     if res["status"] == "view_absent":
-        console.print(f"[bold green]{tm}: nothing to attack.[/] {res['view_absent_reason']}", highlight=False,
-                      soft_wrap=True)
+        console.print(f"[bold green]{escape(tm)}: nothing to attack.[/] {escape(res['view_absent_reason'])}",
+                      highlight=False, soft_wrap=True)
         _print_findings(res["findings"][1:])
         console.print(f"results: [bold]{res['output_dir']}[/]")
         return
@@ -241,10 +253,13 @@ def audit(
     for name in names:
         load_threat_model(name)  # unknown names fail here, before any work
     run_path = Path(target)
+    if run_path.is_file():
+        raise AuditError(f"{run_path} is a file, not a run directory; pass the folder written by `secure-dfml run` "
+                         "(the one holding config.toml), or 'canary' for a canary audit")
     if not run_path.is_dir():
         raise AuditError(f"run directory {run_path} does not exist; pass a folder written by `secure-dfml run` "
                          "(or 'canary' for a canary audit)")
-    attack_list = [a for a in attacks.split(",") if a.strip()] if attacks else None
+    attack_list = _parse_attacks(attacks)
     peer_list = _parse_peers(peers)
     results = []
     with _progress(format) as prog:
