@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from secure_dfml.audit._rundir import audit_run_dir
 from secure_dfml.cli.main import app
-from secure_dfml.config import load_config
+from secure_dfml.config import DataConfig, load_config
+from secure_dfml.data import load_dataset
 from secure_dfml.errors import AuditError, ConfigError
 
 runner = CliRunner()
@@ -68,3 +69,23 @@ def test_audit_empty_attack_list_is_an_error(tmp_path: Path, value: str) -> None
     result = runner.invoke(app, ["audit", str(tmp_path / "run"), "-t", "final-model", "--attacks", value])
     assert result.exit_code == 2
     assert "names no attack" in result.output and "--attacks loss,population" in result.output
+
+
+# ---------------------------------------------------------------------------
+# 4. data.path with a bundled built-in name is an error, not silently ignored
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist-mini", "digits", "breast-cancer"])
+def test_data_path_with_a_bundled_name_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_dataset(DataConfig(name=name, path=str(tmp_path)))
+    msg = str(info.value)
+    assert f"data.name = {name!r}" in msg and "data.path" in msg and "a name of your own" in msg
+    assert "remove data.path" in msg
+    assert "bundled with scikit-learn" not in msg
+
+
+def test_data_path_with_the_default_name_is_refused(tmp_path: Path) -> None:
+    # only data.path set: the default name fashion-mnist-mini must not silently win
+    with pytest.raises(ConfigError, match=r"fashion-mnist-mini.*shipped with secure_dfml.*my-data"):
+        load_dataset(DataConfig(path=str(tmp_path)))

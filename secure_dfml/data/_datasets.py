@@ -688,7 +688,10 @@ def load_dataset(cfg: DataConfig, *, rng: np.random.Generator | None = None) -> 
 
     ``cfg.name`` names a built-in data set (:func:`available_datasets`); any
     other name needs ``cfg.path`` pointing at user data (``cfg.format``:
-    ``"auto"``, ``"idx"``, ``"image-folder"`` or ``"csv"``).  ``rng`` drives
+    ``"auto"``, ``"idx"``, ``"image-folder"`` or ``"csv"``).  The bundled sets
+    (fashion-mnist-mini, digits, breast-cancer) read no files, so a
+    ``cfg.path`` with one of their names is a :class:`ConfigError` (user data
+    needs a name of its own) rather than silently ignored.  ``rng`` drives
     the stratified ``max_train_samples`` / ``max_test_samples`` subsampling;
     without one a fixed seed (:data:`DEFAULT_SUBSAMPLE_SEED`) is used so the
     subsample is still deterministic.  Raises :class:`DataError` when data are
@@ -712,7 +715,12 @@ def load_dataset(cfg: DataConfig, *, rng: np.random.Generator | None = None) -> 
                 f"(stored as {spec.format!r}); use data.format = 'auto' or another data.name for your own data."
             )
         if spec.format == "bundled" and cfg.path is not None:
-            log.warning("data set %s is bundled with scikit-learn; data.path = %r is ignored", cfg.name, cfg.path)
+            raise ConfigError(
+                f"data.name = {cfg.name!r} is a bundled data set ({spec.description}) that reads no files, "
+                f"but data.path = {cfg.path!r} is set. To load your own data from data.path, give it a name of "
+                f"your own (e.g. data.name = \"my-data\"; built-in names are {', '.join(available_datasets())}); "
+                f"to use the bundled {cfg.name!r}, remove data.path."
+            )
         ds = spec.loader(cfg, rng)
     elif cfg.path is None:
         raise DataError(
