@@ -243,6 +243,13 @@ class PrivacyConfig:
             peer.validate(f"{path}.peers.{key}")
 
 
+#: Smallest ``crypto.max_message_bytes``: an envelope's fixed overhead (96-byte
+#: header + 16-byte MAC + 64-byte signature, ``crypto.envelope_overhead()``)
+#: plus 1024 bytes of payload, the floor ``NaClChannel`` enforces.  A literal
+#: because the crypto package imports this module (a test keeps them equal).
+MIN_MESSAGE_BYTES = 176 + 1024
+
+
 @dataclass(frozen=True, kw_only=True)
 class CryptoConfig:
     """Secure exchange: encrypted envelopes and optional CKKS averaging."""
@@ -262,7 +269,10 @@ class CryptoConfig:
             '"nacl"; "none" sends models in clear and needs crypto.allow_insecure = true',
         )
         _require(
-            self.max_message_bytes >= 1024, f"{path}.max_message_bytes", self.max_message_bytes, "an integer >= 1024"
+            self.max_message_bytes >= MIN_MESSAGE_BYTES,
+            f"{path}.max_message_bytes",
+            self.max_message_bytes,
+            f"an integer >= {MIN_MESSAGE_BYTES} (bytes: the 176-byte envelope overhead plus 1024), or leave it unset",
         )
 
 

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import secure_dfml.config as config_module
 from secure_dfml.audit._rundir import audit_run_dir
 from secure_dfml.cli.main import app
-from secure_dfml.config import DataConfig, load_config
+from secure_dfml.config import DataConfig, config_from_dict, load_config
+from secure_dfml.crypto import NaClChannel, envelope_overhead, generate_keys
 from secure_dfml.data import load_dataset
-from secure_dfml.errors import AuditError, ConfigError
+from secure_dfml.errors import AuditError, ConfigError, CryptoError
 
 runner = CliRunner()
 
@@ -89,3 +91,26 @@ def test_data_path_with_the_default_name_is_refused(tmp_path: Path) -> None:
     # only data.path set: the default name fashion-mnist-mini must not silently win
     with pytest.raises(ConfigError, match=r"fashion-mnist-mini.*shipped with secure_dfml.*my-data"):
         load_dataset(DataConfig(path=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------
+# 9. max_message_bytes too small: the message names the key and the minimum
+
+
+def test_channel_max_message_bytes_error_names_key_and_minimum() -> None:
+    minimum = envelope_overhead() + 1024
+    keyring = generate_keys(2, "fed")
+    with pytest.raises(CryptoError) as info:
+        NaClChannel(keyring=keyring, max_message_bytes=1024)
+    msg = str(info.value)
+    assert "crypto.max_message_bytes" in msg and "= 1024" in msg and f"minimum is {minimum} bytes" in msg
+    NaClChannel(keyring=keyring, max_message_bytes=minimum)  # the minimum itself is accepted
+
+
+def test_config_max_message_bytes_minimum_matches_the_channel() -> None:
+    minimum = config_module.MIN_MESSAGE_BYTES
+    assert minimum == envelope_overhead() + 1024
+    expected = rf"crypto\.max_message_bytes = 1024 is invalid: expected an integer >= {minimum}"
+    with pytest.raises(ConfigError, match=expected):
+        config_from_dict({"crypto": {"max_message_bytes": 1024}})
+    assert config_from_dict({"crypto": {"max_message_bytes": minimum}}).crypto.max_message_bytes == 1200

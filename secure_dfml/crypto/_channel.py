@@ -214,7 +214,11 @@ class NaClChannel(_StatsMixin):
         replay_window: int = 16,
     ) -> None:
         if max_message_bytes < envelope_overhead() + 1024:
-            raise CryptoError(f"max_message_bytes = {max_message_bytes} is too small")
+            raise CryptoError(
+                f"crypto.max_message_bytes (max_message_bytes) = {max_message_bytes} is too small: the minimum is "
+                f"{envelope_overhead() + 1024} bytes (the {envelope_overhead()}-byte envelope overhead plus 1024); "
+                f"set it to at least that, or leave it unset for the default of {DEFAULT_MAX_MESSAGE_BYTES}."
+            )
         self.keyring = keyring
         self.directory = keyring.directory
         self.federation_id = keyring.federation_id
