@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import secure_dfml.config as config_module
@@ -14,7 +15,8 @@ from secure_dfml.cli.main import app
 from secure_dfml.config import DataConfig, config_from_dict, load_config
 from secure_dfml.crypto import NaClChannel, envelope_overhead, generate_keys
 from secure_dfml.data import load_dataset
-from secure_dfml.errors import AuditError, ConfigError, CryptoError
+from secure_dfml.errors import AuditError, ConfigError, CryptoError, ModelError
+from secure_dfml.models import MODEL_REGISTRY, available_models, build_model, resolve_architectures
 
 runner = CliRunner()
 
@@ -114,3 +116,22 @@ def test_config_max_message_bytes_minimum_matches_the_channel() -> None:
     with pytest.raises(ConfigError, match=expected):
         config_from_dict({"crypto": {"max_message_bytes": 1024}})
     assert config_from_dict({"crypto": {"max_message_bytes": minimum}}).crypto.max_message_bytes == 1200
+
+
+# ---------------------------------------------------------------------------
+# 10. an invalid data kind names the valid kinds and lists the architectures
+
+
+def test_build_model_with_an_invalid_kind_names_the_kinds_and_architectures() -> None:
+    with pytest.raises(ModelError) as info:
+        build_model("cnn-tiny", input_shape=(1, 8, 8), num_classes=10, kind="images",
+                    generator=torch.Generator().manual_seed(0))
+    msg = str(info.value)
+    assert "kind = 'images'" in msg and "'image', 'tabular'" in msg
+    assert "choose one of: ." not in msg
+    for name in MODEL_REGISTRY:
+        assert name in msg
+    with pytest.raises(ModelError, match="'image', 'tabular'"):
+        resolve_architectures(3, kind="images")
+    with pytest.raises(ModelError, match="'image', 'tabular'"):
+        available_models("images")

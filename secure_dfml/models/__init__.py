@@ -2,6 +2,7 @@
 
 from secure_dfml.models._zoo import (
     DEFAULT_MIX,
+    KINDS,
     MODEL_REGISTRY,
     ArchSpec,
     available_models,
@@ -12,6 +13,7 @@ from secure_dfml.models._zoo import (
 
 __all__ = [
     "DEFAULT_MIX",
+    "KINDS",
     "MODEL_REGISTRY",
     "ArchSpec",
     "available_models",

@@ -252,8 +252,26 @@ DEFAULT_MIX: dict[str, tuple[str, ...]] = {
     "tabular": ("tab-mlp-small", "tab-mlp-wide"),
 }
 
+#: The data kinds architectures are built for (``ArrayDataset.kind``).
+KINDS: tuple[str, ...] = ("image", "tabular")
+
+
+def _architectures_by_kind() -> str:
+    return "; ".join(f"{k}: {', '.join(n for n, s in MODEL_REGISTRY.items() if s.kind == k)}" for k in KINDS)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ModelError(
+            f"kind = {kind!r} is not a data kind: expected one of {', '.join(repr(k) for k in KINDS)} "
+            f"(the data set's ArrayDataset.kind). Architectures per kind: {_architectures_by_kind()}."
+        )
+
 
 def available_models(kind: str | None = None) -> list[str]:
+    """Architecture names, all or those for one data kind (``"image"`` or ``"tabular"``)."""
+    if kind is not None:
+        _check_kind(kind)
     return [n for n, s in MODEL_REGISTRY.items() if kind is None or s.kind == kind]
 
 
@@ -276,6 +294,7 @@ def build_model(
     name: str, *, input_shape: tuple[int, ...], num_classes: int, kind: str, generator: torch.Generator
 ) -> nn.Module:
     """Build architecture ``name`` for inputs of ``input_shape`` (C,H,W or F,)."""
+    _check_kind(kind)
     spec = MODEL_REGISTRY.get(name)
     if spec is None:
         raise ModelError(f"unknown architecture {name!r}; available: {', '.join(MODEL_REGISTRY)}.")
@@ -293,6 +312,7 @@ def resolve_architectures(
     num_peers: int, *, kind: str, mix: tuple[str, ...] = (), per_peer: tuple[str, ...] = ()
 ) -> list[str]:
     """Architecture per peer: an explicit list, or ``mix`` cycled over the peers."""
+    _check_kind(kind)
     if per_peer:
         if len(per_peer) != num_peers:
             raise ModelError(
