@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,17 @@ from safetensors.torch import save_file
 
 from secure_dfml._fsutil import fresh_dir, swap_into_place
 from secure_dfml.config import RunConfig, dump_toml
-from secure_dfml.data import ArrayDataset, FederatedSplit
+from secure_dfml.crypto import build_channel, build_ckks_roles, schema_of
+from secure_dfml.data import ArrayDataset, FederatedSplit, load_dataset, split_from_config
 from secure_dfml.errors import ConfigError, RunDirectoryError
 from secure_dfml.models import build_model, resolve_architectures
 from secure_dfml.privacy import DPTrainer, build_trainer
 from secure_dfml.protocol._interfaces import PeerState
-from secure_dfml.protocol.engine import RoundEngine, link_fails
-from secure_dfml.protocol.strategies import build_strategy
-from secure_dfml.transport import InMemoryTransport
+from secure_dfml.protocol._train import PlainTrainer
+from secure_dfml.protocol.node import PeerNode, PublicDirectory, merge_round, run_round_simulated
+from secure_dfml.protocol.strategies import Strategy, build_strategy
+from secure_dfml.report.plots import plot_accuracy
+from secure_dfml.transport import Endpoint, InMemoryTransport
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +38,46 @@ PeerDataHook = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, t
 
 @dataclass(frozen=True)
 class Federation:
-    """Everything a run needs, built and validated before any training."""
+    """Everything a simulated run needs, built and validated before any training:
+    one :class:`PeerNode` per peer (each holding only its own state, trainer,
+    channel and endpoint) over one in-memory transport."""
 
     cfg: RunConfig
-    engine: RoundEngine
+    nodes: tuple[PeerNode, ...]
+    directory: PublicDirectory
+    strategy: Strategy
+    hub: InMemoryTransport
     labels: dict[str, Any]
     dataset: ArrayDataset
     split: FederatedSplit
+
+    @property
+    def peers(self) -> list[PeerState]:
+        """The peers' states (not the virtual server's)."""
+        return [n.state for n in self.nodes if n.peer_id != self.directory.server_id]
+
+    @property
+    def rejected_messages(self) -> int:
+        return sum(n.rejected_messages for n in self.nodes)
+
+    def round_record(self, t: int) -> dict[str, Any]:
+        """Run round ``t`` on every node (discrete-event simulation) and merge the
+        nodes' reports into one metrics record."""
+        endpoints = {n.peer_id: self.hub.endpoint(n.peer_id) for n in self.nodes}
+        reports, seconds, eval_seconds = run_round_simulated(self.nodes, t, endpoints)
+        record = merge_round(
+            reports,
+            self.strategy.select(self.directory.num_peers, t),
+            seconds=seconds,
+            server_id=self.directory.server_id,
+        )
+        record["eval_seconds"] = eval_seconds
+        return record
+
+    def rounds(self, start: int = 0) -> Iterator[dict[str, Any]]:
+        """Run rounds ``start..`` to the last, yielding each round's metrics record."""
+        for t in range(start, self.cfg.federation.rounds):
+            yield self.round_record(t)
 
 
 def _seeds(seed: int, n: int) -> list[int]:
@@ -49,8 +86,6 @@ def _seeds(seed: int, n: int) -> list[int]:
 
 def load_federation_data(cfg: RunConfig) -> tuple[ArrayDataset, FederatedSplit]:
     """The data set and per-peer split a run with ``cfg`` uses (deterministic in the seed)."""
-    from secure_dfml.data import load_dataset, split_from_config
-
     data_seed, split_seed = _seeds(cfg.federation.seed, 2 + cfg.federation.peers)[:2]
     dataset = load_dataset(cfg.data, rng=np.random.default_rng(data_seed))
     split = split_from_config(dataset, cfg.data, cfg.federation.peers, np.random.default_rng(split_seed))
@@ -63,17 +98,77 @@ def peer_train_sizes(cfg: RunConfig) -> list[int]:
     return [int(len(p.train)) for p in split.peers]
 
 
-def build_federation(
-    cfg: RunConfig, *, ledger_dir: Path | None = None, peer_data_hook: PeerDataHook | None = None
-) -> Federation:
-    """Load data, partition it, build peers and the engine.  Raises a clear
-    error for any inconsistency before a single step of training."""
-    from secure_dfml.crypto import build_channel, build_secure_averager
+@dataclass(frozen=True)
+class FederationPlan:
+    """The public facts of a federation every peer derives from the config and
+    the (public) partition: architectures, declared sizes, the strategy, the
+    public test set, and how to build a model of any architecture."""
 
+    cfg: RunConfig
+    dataset: ArrayDataset
+    split: FederatedSplit
+    archs: tuple[str, ...]
+    strategy: Strategy
+    directory: PublicDirectory
+    peer_seeds: tuple[int, ...]
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    def model(self, arch: str, generator: torch.Generator) -> torch.nn.Module:
+        return build_model(
+            arch,
+            input_shape=self.dataset.input_shape,
+            num_classes=self.dataset.num_classes,
+            kind=self.dataset.kind,
+            generator=generator,
+        )
+
+    def model_factory(self) -> Callable[[str], torch.nn.Module]:
+        """Fresh models to load received weights into (their initial values are overwritten)."""
+        gen = torch.Generator().manual_seed(0)
+        return lambda arch: self.model(arch, gen)
+
+    def peer_state(self, peer_id: int, peer_data_hook: PeerDataHook | None = None) -> PeerState:
+        """Peer ``peer_id``'s own state: its shard of the data, its model and generator."""
+        f = self.cfg.federation
+        if peer_id == self.directory.server_id:  # the virtual server of fedavg-central: no data
+            empty_x = torch.empty((0, *self.dataset.input_shape))
+            empty_y = torch.empty((0,), dtype=torch.int64)
+            return PeerState(
+                peer_id=peer_id, arch=self.archs[0], model=self.model(self.archs[0], torch.Generator().manual_seed(self.peer_seeds[0])),
+                x_train=empty_x, y_train=empty_y, x_local_test=empty_x, y_local_test=empty_y,
+                num_classes=self.dataset.num_classes, generator=torch.Generator().manual_seed(self.peer_seeds[0]),
+            )
+        if not 0 <= peer_id < f.peers:
+            raise ConfigError(f"peer id {peer_id} is not in the federation (ids 0..{f.peers - 1})")
+        ps = self.split.peers[peer_id]
+        seed = self.peer_seeds[peer_id]
+        train_idx = np.asarray(ps.train, dtype=np.int64)
+        test_idx = np.asarray(ps.local_test, dtype=np.int64)
+        x_train = torch.from_numpy(np.ascontiguousarray(self.dataset.x_train[train_idx], dtype=np.float32))
+        y_train = torch.from_numpy(np.ascontiguousarray(self.dataset.y_train[train_idx], dtype=np.int64))
+        if peer_data_hook is not None:
+            x_train, y_train = peer_data_hook(peer_id, x_train, y_train)
+        return PeerState(
+            peer_id=peer_id,
+            arch=self.archs[peer_id],
+            model=self.model(self.archs[peer_id], torch.Generator().manual_seed(seed)),
+            x_train=x_train,
+            y_train=y_train,
+            x_local_test=torch.from_numpy(np.ascontiguousarray(self.dataset.x_train[test_idx], dtype=np.float32)),
+            y_local_test=torch.from_numpy(np.ascontiguousarray(self.dataset.y_train[test_idx], dtype=np.int64)),
+            num_classes=self.dataset.num_classes,
+            generator=torch.Generator().manual_seed(seed ^ 0x5EED),
+        )
+
+
+def plan_federation(cfg: RunConfig, *, declared_train: Sequence[int] | None = None) -> FederationPlan:
+    """Load the (public) partition and derive the federation's public facts.
+    Raises a clear error for any inconsistency before a single step of training."""
     f = cfg.federation
     dataset, split = load_federation_data(cfg)
-    peer_seeds = _seeds(f.seed, 2 + f.peers)[2:]
-    archs = resolve_architectures(f.peers, kind=dataset.kind, mix=cfg.models.mix, per_peer=cfg.models.per_peer)
+    peer_seeds = tuple(_seeds(f.seed, 2 + f.peers)[2:])
+    archs = tuple(resolve_architectures(f.peers, kind=dataset.kind, mix=cfg.models.mix, per_peer=cfg.models.per_peer))
     strategy = build_strategy(cfg)
     if strategy.needs_homogeneous and len(set(archs)) > 1:
         raise ConfigError(
@@ -81,87 +176,109 @@ def build_federation(
             f"but the peers use {sorted(set(archs))}; set models.mix = [\"{archs[0]}\"] or choose "
             "algorithm dfml, def-kt or local."
         )
-    x_all = torch.from_numpy(np.ascontiguousarray(dataset.x_train, dtype=np.float32))
-    y_all = torch.from_numpy(np.ascontiguousarray(dataset.y_train, dtype=np.int64))
-
-    def make(peer_id: int, generator: torch.Generator) -> torch.nn.Module:
-        return build_model(
-            archs[peer_id],
-            input_shape=dataset.input_shape,
-            num_classes=dataset.num_classes,
-            kind=dataset.kind,
-            generator=generator,
-        )
-
-    peers: list[PeerState] = []
-    for i, (ps, seed) in enumerate(zip(split.peers, peer_seeds)):
-        init_gen = torch.Generator().manual_seed(seed)
-        train_idx = torch.from_numpy(np.asarray(ps.train, dtype=np.int64))
-        test_idx = torch.from_numpy(np.asarray(ps.local_test, dtype=np.int64))
-        x_train, y_train = x_all[train_idx], y_all[train_idx]
-        if peer_data_hook is not None:
-            x_train, y_train = peer_data_hook(i, x_train, y_train)
-        peers.append(
-            PeerState(
-                peer_id=i,
-                arch=archs[i],
-                model=make(i, init_gen),
-                x_train=x_train,
-                y_train=y_train,
-                x_local_test=x_all[test_idx],
-                y_local_test=y_all[test_idx],
-                num_classes=dataset.num_classes,
-                generator=torch.Generator().manual_seed(seed ^ 0x5EED),
-            )
-        )
-    template_gen = torch.Generator().manual_seed(0)
-    # the central server starts from peer 0's initial weights (same generator seed)
-    server_model = make(0, torch.Generator().manual_seed(peer_seeds[0])) if strategy.uses_server else None
-    trainer = build_trainer(cfg, peers, ledger_dir=ledger_dir, generator=None)
-    endpoints = f.peers + (1 if strategy.uses_server else 0)
-    channel, channel_description = build_channel(cfg.crypto, federation_id=f.id, num_peers=endpoints)
-    averager = build_secure_averager(cfg.crypto)
-    engine = RoundEngine(
-        cfg=cfg,
-        peers=peers,
+    sizes = [int(len(p.train)) for p in split.peers] if declared_train is None else [int(n) for n in declared_train]
+    server_id = f.peers if strategy.uses_server else None
+    all_archs = archs + ((archs[0],) if server_id is not None else ())
+    plan = FederationPlan(
+        cfg=cfg, dataset=dataset, split=split, archs=all_archs, strategy=strategy,
+        directory=PublicDirectory(federation_id=f.id, archs=all_archs, num_train=(), schemas={}),
+        peer_seeds=peer_seeds,
         x_test=torch.from_numpy(np.ascontiguousarray(dataset.x_test, dtype=np.float32)),
         y_test=torch.from_numpy(np.ascontiguousarray(dataset.y_test, dtype=np.int64)),
-        strategy=strategy,
+    )
+    gen = torch.Generator().manual_seed(0)
+    schemas = {i: schema_of(plan.model(a, gen).state_dict()) for i, a in enumerate(all_archs)}
+    directory = PublicDirectory(
+        federation_id=f.id,
+        archs=all_archs,
+        num_train=tuple(sizes) + ((0,) if server_id is not None else ()),
+        schemas=schemas,
+        server_id=server_id,
+    )
+    return dataclasses.replace(plan, directory=directory)
+
+
+def build_node(
+    plan: FederationPlan,
+    state: PeerState,
+    *,
+    channel: Any,
+    endpoint: Endpoint,
+    ledger_dir: Path | None,
+) -> PeerNode:
+    """A peer node over its own state: its own trainer (and ledger), channel and endpoint."""
+    cfg = plan.cfg
+    if state.peer_id == plan.directory.server_id:
+        trainer: Any = PlainTrainer(cfg.dfml, rounds=cfg.federation.rounds)  # the server never reads data
+    else:
+        trainer = build_trainer(cfg, [state], ledger_dir=ledger_dir, generator=None, num_peers=cfg.federation.peers)
+    return PeerNode(
+        cfg=cfg,
+        state=state,
+        directory=plan.directory,
+        strategy=plan.strategy,
         trainer=trainer,
         channel=channel,
-        transport=InMemoryTransport(
-            drop=lambda m: link_fails(cfg, m.round_index, m.sender, m.recipient, m.kind)
-        ),
-        model_factory=lambda i: make(i if i < f.peers else 0, template_gen),
-        averager=averager,
-        server_model=server_model,
+        endpoint=endpoint,
+        model_factory=plan.model_factory(),
+        x_test=plan.x_test,
+        y_test=plan.y_test,
+        averager=build_ckks_roles(cfg.crypto),
     )
+
+
+def federation_labels(cfg: RunConfig, plan: FederationPlan, channel: Any, channel_description: str, private: bool, rng_label: str | None) -> dict[str, Any]:
     labels: dict[str, Any] = {
-        "dataset": dataset.name,
-        "num_classes": dataset.num_classes,
-        "train_samples_per_peer": [p.num_train for p in peers],
-        "architectures": archs,
+        "dataset": plan.dataset.name,
+        "num_classes": plan.dataset.num_classes,
+        "train_samples_per_peer": list(plan.directory.num_train[: cfg.federation.peers]),
+        "architectures": list(plan.archs[: cfg.federation.peers]),
         "channel": channel.name,
         "channel_description": channel_description,
         "channel_secure": channel.secure,
-        "secure_aggregation": averager.name if averager is not None else "none",
-        "private": isinstance(trainer, DPTrainer),
+        "secure_aggregation": cfg.crypto.secure_aggregation,
+        "private": private,
         "privacy_label": (
-            f"differentially private (DP-SGD, per-peer budgets), {trainer.rng_label}"
-            if isinstance(trainer, DPTrainer)
+            f"differentially private (DP-SGD, per-peer budgets), {rng_label}"
+            if private
             else "NON-PRIVATE: no differential privacy (privacy.enabled = false)"
         ),
     }
     if not channel.secure:
         labels["warning"] = "INSECURE: models travel in clear (crypto.channel = none)"
-    return Federation(cfg=cfg, engine=engine, labels=labels, dataset=dataset, split=split)
+    return labels
+
+
+def build_federation(
+    cfg: RunConfig, *, ledger_dir: Path | None = None, peer_data_hook: PeerDataHook | None = None
+) -> Federation:
+    """Load data, partition it, and build one node per peer over an in-memory
+    transport.  Raises a clear error for any inconsistency before a single
+    step of training."""
+    plan = plan_federation(cfg)
+    f = cfg.federation
+    endpoints = len(plan.directory.archs)
+    channel, channel_description = build_channel(cfg.crypto, federation_id=f.id, num_peers=endpoints)
+    hub = InMemoryTransport()
+    states = [plan.peer_state(i, peer_data_hook if i < f.peers else None) for i in range(endpoints)]
+    if peer_data_hook is not None:  # the hook may change a peer's size: declare what it trains on
+        sizes = tuple(s.num_train for s in states)
+        plan = dataclasses.replace(plan, directory=dataclasses.replace(plan.directory, num_train=sizes))
+    nodes = tuple(
+        build_node(plan, state, channel=channel.for_peer(state.peer_id), endpoint=hub.endpoint(state.peer_id), ledger_dir=ledger_dir)
+        for state in states
+    )
+    trainer = nodes[0].trainer
+    private = isinstance(trainer, DPTrainer)
+    labels = federation_labels(cfg, plan, channel, channel_description, private, trainer.rng_label if private else None)
+    return Federation(
+        cfg=cfg, nodes=nodes, directory=plan.directory, strategy=plan.strategy, hub=hub,
+        labels=labels, dataset=plan.dataset, split=plan.split,
+    )
 
 
 def _summary(fed: Federation, records: list[dict[str, Any]], run_dir: Path, seconds: float) -> dict[str, Any]:
     last = records[-1]
-    peers = {}
-    for pid, entry in last["peers"].items():
-        peers[pid] = {k: v for k, v in entry.items()}
     n = len(records)
     return {
         "algorithm": fed.cfg.federation.algorithm,
@@ -179,15 +296,15 @@ def _summary(fed: Federation, records: list[dict[str, Any]], run_dir: Path, seco
         "compute_seconds_per_round": sum(r["compute_seconds"] for r in records) / n,
         "crypto_seconds_per_round": sum(r["crypto_seconds"] for r in records) / n,
         "bytes_per_round": sum(r["bytes"] for r in records) / n,
-        "rejected_messages": fed.engine.rejected_messages,
+        "rejected_messages": fed.rejected_messages,
         "wall_seconds": seconds,
-        "peers": peers,
+        "peers": {pid: dict(entry) for pid, entry in last["peers"].items()},
     }
 
 
 def _save_models(fed: Federation, models_dir: Path) -> None:
     models_dir.mkdir(parents=True, exist_ok=True)
-    for p in fed.engine.peers:
+    for p in fed.peers:
         meta = {"arch": p.arch, "peer": str(p.peer_id)}
         state = {k: v.contiguous() for k, v in p.model.state_dict().items()}
         save_file(state, str(models_dir / f"peer_{p.peer_id:03d}_final.safetensors"), metadata=meta)
@@ -200,13 +317,19 @@ def _save_models(fed: Federation, models_dir: Path) -> None:
 
 
 def _save_views(fed: Federation, views_dir: Path) -> None:
-    """Models as a curious aggregator received them and as senders got them back."""
-    for (view, peer), state in fed.engine.views.items():
+    """Models as a curious aggregator received them and as senders got them back
+    (the latest of each, over every node's own views)."""
+    latest: dict[tuple[str, int], tuple[int, dict[str, torch.Tensor]]] = {}
+    for node in fed.nodes:
+        for key, (round_index, state) in node.views.items():
+            if key not in latest or round_index > latest[key][0]:
+                latest[key] = (round_index, state)
+    for (view, peer), (_round, state) in sorted(latest.items()):
         (views_dir / view).mkdir(parents=True, exist_ok=True)
         save_file(
             {k: v.contiguous() for k, v in state.items()},
             str(views_dir / view / f"peer_{peer:03d}.safetensors"),
-            metadata={"arch": fed.engine.peers[peer].arch, "peer": str(peer), "view": view},
+            metadata={"arch": fed.directory.archs[peer], "peer": str(peer), "view": view},
         )
 
 
@@ -248,7 +371,7 @@ def run_federation(
     t0 = time.perf_counter()
     records: list[dict[str, Any]] = []
     with open(partial / "metrics.jsonl", "w", encoding="utf-8") as fh:
-        for record in fed.engine.rounds():
+        for record in fed.rounds():
             records.append(record)
             fh.write(json.dumps(record) + "\n")
             fh.flush()
@@ -259,8 +382,6 @@ def run_federation(
     _save_views(fed, partial / "views")
     (partial / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     if plot:
-        from secure_dfml.report.plots import plot_accuracy
-
         plot_accuracy(records, partial / "accuracy.png", title=f"{cfg.federation.algorithm} on {summary['dataset']}")
     swap_into_place(partial, run_dir)
     return summary

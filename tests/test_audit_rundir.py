@@ -98,7 +98,7 @@ def test_rebuild_is_deterministic(run_dir: Path) -> None:
     b = rebuild_federation(cfg)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [len(p.train) for p in b.split.peers] == summary["train_samples_per_peer"]
-    for pa, pb in zip(a.engine.peers, b.engine.peers):
+    for pa, pb in zip(a.peers, b.peers):
         assert torch.equal(pa.x_train, pb.x_train) and torch.equal(pa.y_train, pb.y_train)
     for sa, sb in zip(a.split.peers, b.split.peers):
         assert np.array_equal(sa.holdout, sb.holdout)

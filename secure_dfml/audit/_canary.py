@@ -108,7 +108,7 @@ def run_canary_audit(
     staging = staging_dir(out)
     try:
         fed = build_federation(cfg, ledger_dir=staging / "ledgers", peer_data_hook=hook)
-        for i, p in enumerate(fed.engine.peers):
+        for i, p in enumerate(fed.peers):
             want = len(split.peers[i].train) + int(included[i].sum())
             if p.num_train != want:
                 raise AuditError(f"peer {i} trains on {p.num_train} samples, expected {want} with its canaries")
@@ -116,7 +116,7 @@ def run_canary_audit(
         last: Mapping[str, Any] = {}
         if progress is not None:
             progress(0, rounds, "training rounds (with canaries)")
-        for t, record in enumerate(fed.engine.rounds(), 1):
+        for t, record in enumerate(fed.rounds(), 1):
             last = record
             if progress is not None:
                 progress(t, rounds, "training rounds (with canaries)")
@@ -125,9 +125,9 @@ def run_canary_audit(
         peers_out: dict[str, Any] = {}
         findings_fail: list[Finding] = []
         fail = False
-        for i, p in enumerate(fed.engine.peers):
+        for i, p in enumerate(fed.peers):
             scores = compute_signals(p.model, x_can[i], y_can[i]).log_prob  # minus the loss
-            status = dict(fed.engine.trainer.peer_status(i)) if private else {}
+            status = dict(fed.nodes[i].trainer.peer_status(i)) if private else {}
             delta = float(status.get("delta") or 0.0) if private else 0.0
             res = one_run_audit(scores, included[i], k_pos=k_pos, k_neg=k_neg, confidence=confidence, delta=delta)
             entry: dict[str, Any] = {

@@ -107,7 +107,7 @@ def analyse_envelopes(
     """The eavesdropper analysis of a run: (results dict, self-contained HTML report)."""
     fed = rebuild_federation(cfg)
     ds = fed.dataset
-    archs = [p.arch for p in fed.engine.peers]
+    archs = [p.arch for p in fed.peers]
     n = len(archs)
     wanted = selected_peers(peers, n)
     mdir = run_dir / "models"

@@ -220,7 +220,7 @@ def _check_rebuild(run: _RunDir, fed: Any) -> None:
             "the data files or the code changed since the run, so members and non-members cannot be recovered."
         )
     archs = run.summary.get("architectures")
-    have = [p.arch for p in fed.engine.peers]
+    have = [p.arch for p in fed.peers]
     if archs is not None and list(archs) != have:
         raise AuditError(f"the run used architectures {list(archs)} but its config now gives {have}")
 
@@ -343,7 +343,7 @@ def _select_targets(
 ) -> tuple[list[_Target], list[dict[str, Any]], str | None]:
     """(targets, skipped entries, view-absent reason when nothing can be attacked)."""
     cfg = run.cfg
-    archs = [p.arch for p in fed.engine.peers]
+    archs = [p.arch for p in fed.peers]
     n = len(archs)
     wanted = set(selected_peers(peers, n))
     targets: list[_Target] = []
@@ -538,7 +538,7 @@ def audit_run_dir(
     fed = rebuild_federation(run.cfg)
     _check_rebuild(run, fed)
     targets, skipped, absent = _select_targets(run, tm, fed, peers)
-    n_peers = len(fed.engine.peers)
+    n_peers = len(fed.peers)
     ledgers, ledger_notes = _ledgers(run, n_peers)
     base = _base_results(run, tm, fed, names, reference_models if need_ref else 0, need_online, out_dir)
     base["skipped"] = skipped
@@ -632,7 +632,7 @@ def audit_run_dir(
                 raise AuditError("the auditor pool is too small to train reference models")
             # as many samples as a peer of this architecture holds, but at most half the pool, so that
             # reference models see different random subsets (RMIA's 'a' is tuned on their IN / OUT split)
-            sizes = [len(fed.split.peers[i].train) for i in range(n_peers) if fed.engine.peers[i].arch == arch]
+            sizes = [len(fed.split.peers[i].train) for i in range(n_peers) if fed.peers[i].arch == arch]
             size = max(1, min(int(round(float(np.mean(sizes)))), rest_idx.size // 2))
             base["reference"]["train_size"][arch] = size
             ref = train_reference_models(
@@ -814,8 +814,8 @@ def results_header(run_dir: Path, cfg: Any, tm: ThreatModel, fed: Any) -> dict[s
             "federation": cfg.federation.id,
             "algorithm": cfg.federation.algorithm,
             "dataset": fed.dataset.name,
-            "peers": len(fed.engine.peers),
-            "architectures": [p.arch for p in fed.engine.peers],
+            "peers": len(fed.peers),
+            "architectures": [p.arch for p in fed.peers],
             "train_sizes": [int(len(p.train)) for p in fed.split.peers],
             "holdout_sizes": [int(len(p.holdout)) for p in fed.split.peers],
             "auditor_pool": int(len(fed.split.auditor_pool)),

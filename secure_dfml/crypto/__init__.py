@@ -82,12 +82,12 @@ from secure_dfml.crypto.codec import TensorSpec, decode_state, encode_state, sch
 
 if TYPE_CHECKING:
     from secure_dfml.config import CryptoConfig
-    from secure_dfml.crypto._ckks import CKKSAverager, CKKSParams
+    from secure_dfml.crypto._ckks import CKKSAverager, CKKSParams, CKKSRoles
 
 
 def __getattr__(name: str) -> object:
     # CKKS pulls in TenSEAL (slow import); load it on first use only.
-    if name in ("CKKSAverager", "CKKSParams"):
+    if name in ("CKKSAverager", "CKKSParams", "CKKSRoles"):
         from secure_dfml.crypto import _ckks
 
         return getattr(_ckks, name)
@@ -104,6 +104,16 @@ def build_secure_averager(cfg: CryptoConfig) -> CKKSAverager | None:
 
         return CKKSAverager()
     raise SecureAggregationError(f"crypto.secure_aggregation = {cfg.secure_aggregation!r}: expected 'none' or 'ckks'")
+
+
+def build_ckks_roles(cfg: CryptoConfig) -> CKKSRoles | None:
+    """The CKKS roles a peer node runs for ``crypto.secure_aggregation = "ckks"``
+    (``None`` for ``"none"``)."""
+    if build_secure_averager(cfg) is None:
+        return None
+    from secure_dfml.crypto._ckks import CKKSRoles
+
+    return CKKSRoles()
 
 
 __all__ = [
@@ -152,6 +162,7 @@ __all__ = [
     "WrongRoundError",
     "WrongSenderError",
     "build_channel",
+    "build_ckks_roles",
     "build_secure_averager",
     "decode_state",
     "encode_state",

@@ -165,6 +165,34 @@ class ReplayCache:
             for old in [r for r in rounds if r < latest - self.window]:
                 del rounds[old]
 
+    def export_state(self) -> dict[str, object]:
+        """The window as plain JSON data (for a peer's checkpoint)."""
+        with self._lock:
+            return {
+                "window": self.window,
+                "latest": {str(r): t for r, t in sorted(self._latest.items())},
+                "seen": sorted(
+                    [rcp, rnd, snd, kind, nonce.hex()]
+                    for rcp, rounds in self._seen.items()
+                    for rnd, entries in rounds.items()
+                    for snd, kind, nonce in entries
+                ),
+            }
+
+    def restore_state(self, state: Mapping[str, object]) -> None:
+        """Replace the window with one from :meth:`export_state` (a peer resuming
+        from its checkpoint still refuses envelopes it had accepted)."""
+        try:
+            latest = {int(r): int(t) for r, t in dict(state["latest"]).items()}  # type: ignore[call-overload]
+            seen: dict[int, dict[int, set[tuple[int, str, bytes]]]] = {}
+            for rcp, rnd, snd, kind, nonce in state["seen"]:  # type: ignore[union-attr]
+                seen.setdefault(int(rcp), {}).setdefault(int(rnd), set()).add((int(snd), str(kind), bytes.fromhex(nonce)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CryptoError(f"replay-cache state is malformed ({exc}); it must come from export_state()") from None
+        with self._lock:
+            self._latest = latest
+            self._seen = seen
+
     def snapshot(self) -> tuple[tuple[int, int | None, tuple[tuple[int, tuple[tuple[int, str, bytes], ...]], ...]], ...]:
         """An immutable copy of the whole state (for tests and audits)."""
         with self._lock:
@@ -239,6 +267,24 @@ class NaClChannel(_StatsMixin):
             f"NaClChannel(federation={self.federation_id!r}, peers={len(self.directory)}, "
             f"local={len(self.keyring.identities)}, pad={self.pad_messages})"
         )
+
+    def for_peer(self, peer_id: int) -> NaClChannel:
+        """A channel holding only ``peer_id``'s private keys (same directory and
+        settings, its own replay cache): it can seal only as ``peer_id`` and
+        open only what is addressed to it.  Every peer node gets one."""
+        own = KeyRing(directory=self.directory, identities={peer_id: self.keyring.identity(peer_id)})
+        return NaClChannel(
+            keyring=own,
+            max_message_bytes=self.max_message_bytes,
+            pad_messages=self.pad_messages,
+            padding_growth=self.padding_growth,
+            content_signature=self.content_signature,
+            replay_window=self._replay.window,
+        )
+
+    @property
+    def replay(self) -> ReplayCache:
+        return self._replay
 
     # -- keys ---------------------------------------------------------------
 
@@ -422,6 +468,10 @@ class PlainChannel(_StatsMixin):
 
     def envelope_size(self, payload_length: int) -> int:
         return payload_length
+
+    def for_peer(self, peer_id: int) -> PlainChannel:
+        """The same (insecure) channel for one peer node; there is nothing to bind."""
+        return PlainChannel(allow_insecure=True, max_message_bytes=self.max_message_bytes)
 
     def seal(self, payload: bytes, *, sender: int, recipient: int, round_index: int, kind: str) -> bytes:
         data = bytes(payload)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ from secure_dfml.crypto._errors import (
 )
 from secure_dfml.protocol._interfaces import SecureSum
 
-__all__ = ["CKKSAverager", "CKKSParams"]
+__all__ = ["CKKSAverager", "CKKSParams", "CKKSRoles"]
 
 logger = logging.getLogger(__name__)
 
@@ -341,6 +342,126 @@ class CKKSAverager:
         }
         logger.debug("CKKS round %d: %s", round_index, self.last_report)
         return SecureSum(state_sum=state_sum, weight_sum=total_w, bytes_moved=bytes_moved, crypto_seconds=seconds)
+
+
+# -- the roles as separate steps (a peer node runs only its own) ------------------------
+
+_PACK_MAGIC = b"CKV1"
+
+
+def _pack(parts: Sequence[bytes]) -> bytes:
+    return b"".join([_PACK_MAGIC, struct.pack("!I", len(parts)), *(struct.pack("!I", len(x)) + x for x in parts)])
+
+
+def _unpack(data: bytes, expected: int, limit: int, peer_id: int) -> list[bytes]:
+    """Split a packed list of ``expected`` ciphertexts (each at most ``limit``
+    bytes) -- checked lengths only, nothing deserialized."""
+    if len(data) < 8 or data[:4] != _PACK_MAGIC:
+        raise CiphertextError(f"payload from peer {peer_id} is not a packed ciphertext list", peer_id=peer_id)
+    (count,) = struct.unpack("!I", data[4:8])
+    if count != expected:
+        raise CiphertextError(f"peer {peer_id} sent {count} ciphertexts, expected {expected}", peer_id=peer_id)
+    out, pos = [], 8
+    for _ in range(count):
+        if pos + 4 > len(data):
+            raise CiphertextError(f"payload from peer {peer_id} is truncated", peer_id=peer_id)
+        (n,) = struct.unpack("!I", data[pos : pos + 4])
+        if n > limit or pos + 4 + n > len(data):
+            raise CiphertextError(f"ciphertext from peer {peer_id} of {n} bytes is oversized or truncated", peer_id=peer_id)
+        out.append(data[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    if pos != len(data):
+        raise CiphertextError(f"payload from peer {peer_id} has trailing bytes", peer_id=peer_id)
+    return out
+
+
+class CKKSRoles:
+    """CKKS secure averaging split into what each role does, for peers that
+    exchange the bytes as protocol messages (contexts, ciphertexts, the sum and
+    the released average each travel in an envelope):
+
+    * key holder: :meth:`new_context` -> send the public bytes to the
+      contributors and the aggregator; later :meth:`decrypt_sum` on the sum it
+      receives and send back the released (quantised) vector;
+    * contributor: :meth:`load_context`, :meth:`encrypt` its own model scaled by
+      its weight share;
+    * aggregator: :meth:`load_context`, :meth:`add` the ciphertexts that arrived.
+    """
+
+    def __init__(self, params: CKKSParams | None = None) -> None:
+        self.params = params or CKKSParams()
+
+    def chunks(self, numel: int) -> int:
+        return -(-numel // self.params.slots)
+
+    def new_context(self) -> tuple[Any, bytes]:
+        return CKKSAverager(params=self.params).new_round_context()
+
+    def load_context(self, data: bytes, peer_id: int) -> Any:
+        return _load_public_context(data, peer_id, self.params)
+
+    def encrypt(self, ctx: Any, state: Mapping[str, torch.Tensor], names: Sequence[str], scale: float, peer_id: int) -> bytes:
+        """This contributor's ``scale * state`` (flattened in ``names`` order) as
+        packed ciphertexts; refuses values CKKS cannot carry."""
+        import tenseal as ts
+
+        limit = self.params.max_abs_value
+        for k in names:
+            t = state[k].detach()
+            tf = t if t.is_floating_point() else t.to(torch.float64)
+            if not bool(torch.isfinite(tf).all()):
+                raise ContributionMismatchError(f"peer {peer_id}: tensor {k!r} has NaN or Inf values")
+            if tf.numel() and float(tf.abs().max()) > limit:
+                raise SecureAggregationError(
+                    f"peer {peer_id}: tensor {k!r} has values beyond +-{limit:g}, too large for these CKKS parameters"
+                )
+        view = _FlatView(state, names)
+        numel = int(sum(state[k].numel() for k in names))
+        slots = self.params.slots
+        parts = [ts.ckks_vector(ctx, view.read(lo, min(numel, lo + slots)) * scale).serialize() for lo in range(0, numel, slots)]
+        return _pack(parts)
+
+    def add(self, ctx: Any, payloads: Mapping[int, bytes], numel: int) -> bytes:
+        """The aggregator's sum of the contributors' packed ciphertexts (validated
+        as untrusted bytes), packed for the key holder."""
+        import tenseal as ts
+
+        p = self.params
+        sizes = [min(p.slots, numel - lo) for lo in range(0, numel, p.slots)]
+        acc: list[Any] = [None] * len(sizes)
+        for pid, data in payloads.items():
+            for j, part in enumerate(_unpack(data, len(sizes), p.max_ciphertext_bytes, pid)):
+                vec = _load_ciphertext(ts, ctx, part, sizes[j], pid, p)
+                if acc[j] is None:
+                    acc[j] = vec
+                else:
+                    try:
+                        acc[j].add_(vec)
+                    except Exception as exc:  # noqa: BLE001 - untrusted input, typed below
+                        raise CiphertextError(f"ciphertext from peer {pid} cannot be added ({exc})", peer_id=pid) from None
+        return _pack([a.serialize() for a in acc])
+
+    def check_ciphertexts(self, ctx: Any, data: bytes, numel: int, peer_id: int) -> bytes:
+        """Accept ``data`` only if it parses as this context's packed ciphertexts of ``numel`` values."""
+        import tenseal as ts
+
+        p = self.params
+        sizes = [min(p.slots, numel - lo) for lo in range(0, numel, p.slots)]
+        for j, part in enumerate(_unpack(data, len(sizes), p.max_ciphertext_bytes, peer_id)):
+            _load_ciphertext(ts, ctx, part, sizes[j], peer_id, p)
+        return data
+
+    def decrypt_sum(self, secret_ctx: Any, data: bytes, numel: int, peer_id: int) -> np.ndarray:
+        """Key holder: decrypt only the sum and round it to the release grid."""
+        import tenseal as ts
+
+        p = self.params
+        sizes = [min(p.slots, numel - lo) for lo in range(0, numel, p.slots)]
+        out = np.empty(numel, dtype=np.float64)
+        for j, part in enumerate(_unpack(data, len(sizes), p.max_ciphertext_bytes, peer_id)):
+            vec = _load_ciphertext(ts, secret_ctx, part, sizes[j], peer_id, p)
+            out[j * p.slots : j * p.slots + sizes[j]] = np.asarray(vec.decrypt(), dtype=np.float64)
+        return _quantise(out, p.release_grid_bits)
 
 
 def _load_public_context(data: bytes, peer_id: int, p: CKKSParams) -> Any:

@@ -414,11 +414,16 @@ def plan_budgets(
 
 
 def plan_all(
-    cfg: RunConfig, budgets: Sequence[PeerBudget], *, prior_fraction: float = DEFAULT_PRIOR_FRACTION
+    cfg: RunConfig,
+    budgets: Sequence[PeerBudget],
+    *,
+    prior_fraction: float = DEFAULT_PRIOR_FRACTION,
+    num_peers: int | None = None,
 ) -> list[PeerPlan]:
-    """Plans for ``budgets`` (peer ids ``0..len-1`` in any order); peers with the
+    """Plans for ``budgets`` (any subset of the federation's ``num_peers`` peers,
+    default ``len(budgets)``: a peer node plans only its own); peers with the
     same size, budget and phases share one (costly) noise search."""
-    phases = peer_phases(cfg, len(budgets))
+    phases = peer_phases(cfg, len(budgets) if num_peers is None else num_peers)
     plans: list[PeerPlan] = []
     cache: dict[tuple[object, ...], PeerPlan] = {}
     for budget in budgets:

@@ -80,8 +80,12 @@ class DPTrainer:
         ledger_dir: Path | None = None,
         generator: torch.Generator | None = None,
         prior_fraction: float = DEFAULT_PRIOR_FRACTION,
+        num_peers: int | None = None,
     ) -> None:
+        """``peers``: the peers whose data this trainer reads -- a peer node passes
+        only its own -- out of a federation of ``num_peers`` (default ``len(peers)``)."""
         privacy = cfg.privacy
+        num_peers = len(peers) if num_peers is None else num_peers
         self.cfg = cfg
         self.secure_mode = bool(privacy.secure_mode)
         if self.secure_mode and generator is not None:
@@ -92,11 +96,11 @@ class DPTrainer:
         ids = [p.peer_id for p in peers]
         if len(set(ids)) != len(ids):
             raise PrivacyValidationError(f"peer ids must be unique, got {ids}.")
-        unknown = sorted(set(privacy.peers) - {str(i) for i in ids})
+        unknown = sorted(set(privacy.peers) - {str(i) for i in range(num_peers)})
         if unknown:
             raise PrivacyValidationError(
                 f"privacy.peers has overrides for unknown peer id(s) {', '.join(unknown)}; "
-                f"the federation's peers are {', '.join(map(str, sorted(ids)))}."
+                f"the federation's peers are {', '.join(map(str, range(num_peers)))}."
             )
         resolve_grad_sample_mode(privacy.grad_sample_mode, nn.Identity())  # validates the name
         # 1. budgets and models, before anything trains
@@ -106,11 +110,13 @@ class DPTrainer:
         for p in peers:
             validate_model(p.model, name=f"peer {p.peer_id} model ({p.arch})")
         # 2. noise multipliers (calibrated to the public schedule or its expectation)
-        if sorted(ids) != list(range(len(ids))):
-            raise PrivacyValidationError(f"peer ids must be 0..{len(ids) - 1}, got {sorted(ids)}.")
+        if not set(ids) <= set(range(num_peers)):
+            raise PrivacyValidationError(f"peer ids must be in 0..{num_peers - 1}, got {sorted(ids)}.")
         self._plans: dict[int, PeerPlan] = {
             plan.peer_id: plan
-            for plan in plan_all(cfg, [self._budgets[i] for i in sorted(ids)], prior_fraction=prior_fraction)
+            for plan in plan_all(
+                cfg, [self._budgets[i] for i in sorted(ids)], prior_fraction=prior_fraction, num_peers=num_peers
+            )
         }
         # 3. ledgers (resumed if present: spent budget is never reset)
         self._ledgers: dict[int, PrivacyLedger] = {}
@@ -353,9 +359,11 @@ def build_trainer(
     *,
     ledger_dir: Path | None,
     generator: torch.Generator | None,
+    num_peers: int | None = None,
 ) -> Trainer:
     """``PlainTrainer`` when ``cfg.privacy.enabled`` is false, else a :class:`DPTrainer`
-    (validated, planned and with ledgers under ``ledger_dir``) -- all before training."""
+    (validated, planned and with ledgers under ``ledger_dir``) -- all before training.
+    ``peers`` are the peers whose data the trainer reads (a node: only its own)."""
     if not cfg.privacy.enabled:
         return PlainTrainer(cfg.dfml, rounds=cfg.federation.rounds)
-    return DPTrainer(cfg, peers, ledger_dir=ledger_dir, generator=generator)
+    return DPTrainer(cfg, peers, ledger_dir=ledger_dir, generator=generator, num_peers=num_peers)

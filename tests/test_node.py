@@ -1,0 +1,135 @@
+"""Peer nodes: each holds only its own state, acts only on messages that arrived."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from secure_dfml import config_from_dict
+from secure_dfml._run import build_federation, merge_round
+from secure_dfml.crypto import MissingKeyError
+from secure_dfml.errors import TransportError
+from secure_dfml.transport import Message
+
+BASE = {
+    "federation": {"rounds": 3, "peers": 6, "participants": 4},
+    "data": {"name": "digits", "dirichlet_alpha": 0.3, "auditor_pool": 100},
+    "models": {"mix": ["mlp", "cnn-small"]},
+    "dfml": {"ml_epochs": 1, "period": 3},
+}
+
+
+def cfg_with(**sections):
+    raw = json.loads(json.dumps(BASE))
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return config_from_dict(raw)
+
+
+def strip_times(record):
+    if isinstance(record, dict):
+        return {k: strip_times(v) for k, v in record.items() if "seconds" not in k}
+    if isinstance(record, list):
+        return [strip_times(v) for v in record]
+    return record
+
+
+def drive(node, program, messages_for):
+    """Run one role program, answering each request with ``messages_for(request)``."""
+    try:
+        req = next(program)
+        while True:
+            req = program.send(messages_for(req))
+    except StopIteration as stop:
+        return stop.value
+
+
+def test_a_node_holds_only_its_own_identity_and_endpoint():
+    fed = build_federation(cfg_with())
+    a, b = fed.nodes[0], fed.nodes[1]
+    a.begin_round(0)
+    with pytest.raises(MissingKeyError):  # its channel cannot seal as another peer
+        a.channel.seal(b"x", sender=1, recipient=0, round_index=0, kind="model")
+    with pytest.raises(TransportError, match="only as itself"):  # nor its endpoint send as one
+        a.endpoint.send(Message(1, 2, 0, "model", b"x"))
+    assert a.state is not b.state and a.trainer is not b.trainer and a.channel is not b.channel
+    assert a.state.x_train.data_ptr() != b.state.x_train.data_ptr()
+
+
+def test_bad_messages_are_rejected_and_change_nothing():
+    fed = build_federation(cfg_with())
+    agg, good, other = fed.nodes[0], fed.nodes[1], fed.nodes[2]
+    assert fed.directory.archs[1] == "cnn-small" and fed.directory.archs[2] == "mlp"
+    for n in (agg, good, other):
+        n.begin_round(0)
+    schemas = fed.directory.schemas
+
+    def receive_from_1():
+        program = agg.receive_states("model", [1], 1.0, lambda s: schemas[s])
+        return drive(agg, program, lambda req: agg.endpoint.receive(round_index=0, kind=req.kind, senders=req.senders, timeout=0))
+
+    before = {k: v.clone() for k, v in agg.model.state_dict().items()}
+    # garbage bytes claiming to come from peer 1
+    fed.hub.endpoint(1).send(Message(sender=1, recipient=0, round_index=0, kind="model", data=b"\x00" * 64))
+    assert receive_from_1() == {} and agg.rejected_messages == 1
+    # a correctly sealed payload whose tensors do not match peer 1's declared architecture
+    good.send_state(0, "model", other.model.state_dict())
+    assert receive_from_1() == {} and agg.rejected_messages == 2
+    # an envelope sealed by peer 2 but carried as if from peer 1
+    other.send_state(0, "model", good.model.state_dict())
+    raw = fed.hub.endpoint(0).receive(round_index=0, kind="model", senders=[2], timeout=0)
+    fed.hub.endpoint(1).send(Message(1, 0, 0, "model", raw[0].data))
+    assert receive_from_1() == {} and agg.rejected_messages == 3
+    # and a valid message is still accepted afterwards, bit for bit; nothing else changed
+    good.send_state(0, "model", good.model.state_dict())
+    got = receive_from_1()
+    assert all(torch.equal(got[1][k], v) for k, v in good.model.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in agg.model.state_dict().items())
+
+
+def test_nodes_on_threads_equal_the_simulation():
+    """Each node on its own thread with blocking, bounded receives (nothing is
+    shared but the transport) gives the simulation's metrics exactly."""
+    cfg = cfg_with(privacy={"enabled": True, "epsilon": 4.0})
+    sim = build_federation(cfg)
+    expected = [strip_times(r) for r in sim.rounds()]
+
+    threaded = build_federation(cfg)
+    reports = {n.peer_id: [] for n in threaded.nodes}
+    errors = []
+
+    def run(node):
+        try:
+            for t in range(cfg.federation.rounds):
+                reports[node.peer_id].append(node.run_round(t))
+        except BaseException as exc:  # pragma: no cover - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in threaded.nodes]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert not errors and not any(th.is_alive() for th in threads)
+    got = [
+        strip_times(merge_round([reports[p][t] for p in reports], threaded.strategy.select(6, t), seconds=0.0))
+        for t in range(cfg.federation.rounds)
+    ]
+    assert got == expected
+
+
+def test_a_lost_return_leaves_the_sender_with_its_pre_round_model():
+    cfg = cfg_with(federation={"rounds": 1}, dfml={"sender_timeout": 0.2, "return_timeout": 0.2})
+    fed = build_federation(cfg)
+    group = fed.strategy.select(6, 0)[0]
+    sender = fed.nodes[group.senders[0]]
+    before = {k: v.clone() for k, v in sender.model.state_dict().items()}
+    sender.begin_round(0)
+    program = fed.strategy.send(sender, group)
+    # the aggregator never answers: every request gets nothing
+    drive(sender, program, lambda req: [])
+    assert all(torch.equal(before[k], v) for k, v in sender.model.state_dict().items())
+    assert sender.log.adopted == []
