@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import io
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 import secure_dfml.config as config_module
 from secure_dfml.audit._rundir import audit_run_dir
+from secure_dfml.cli import run as cli_run
 from secure_dfml.cli.main import app
 from secure_dfml.config import DataConfig, config_from_dict, load_config
 from secure_dfml.crypto import NaClChannel, envelope_overhead, generate_keys
@@ -135,3 +142,54 @@ def test_build_model_with_an_invalid_kind_names_the_kinds_and_architectures() ->
         resolve_architectures(3, kind="images")
     with pytest.raises(ModelError, match="'image', 'tabular'"):
         available_models("images")
+
+
+# ---------------------------------------------------------------------------
+# 12. readable at 80 columns: run --help and the result table
+
+
+def test_run_help_is_readable_at_80_columns() -> None:
+    env = {**os.environ, "COLUMNS": "80", "TERMINAL_WIDTH": "80"}
+    env.pop("FORCE_COLOR", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "secure_dfml.cli.main", "run", "--help"],
+        env=env, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    assert "--compare-non-private" in out and "--no-compare-non-private" in out
+    assert "federation.algorithm" in out and "federation.rounds" in out
+    assert "…" not in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+
+
+def _summary(*, dp: bool) -> dict[str, Any]:
+    archs = ["scatter-linear", "scatter-cnn", "scatter-mlp", "mlp-small", "tab-mlp-small", "resnet-gn"]
+    peers: dict[str, Any] = {}
+    for i in range(10):
+        p: dict[str, Any] = {"arch": archs[i % len(archs)], "global_acc": 0.8123, "local_acc": 0.9,
+                             "peak_global_acc": 0.83, "peak_local_acc": 1.0}
+        if dp:
+            p.update(epsilon_spent=7.99, epsilon_target=8.0, status="exhausted at round 17" if i % 2 else "active")
+        peers[str(i)] = p
+    return {"algorithm": "dfml", "dataset": "fashion-mnist-mini", "rounds": 20, "peers": peers,
+            "mean_global_acc": 0.8, "mean_local_acc": 0.9, "mean_peak_global_acc": 0.81, "mean_peak_local_acc": 0.92,
+            "privacy_label": "DP-SGD", "channel_description": "NaCl envelopes", "secure_aggregation": "none",
+            "seconds_per_round": 1.0, "compute_seconds_per_round": 0.5, "crypto_seconds_per_round": 0.01,
+            "bytes_per_round": 1e6, "run_dir": "runs/x", "warning": "check [data] section"}
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_result_table_is_readable_at_80_columns(monkeypatch: pytest.MonkeyPatch, dp: bool) -> None:
+    buf = io.StringIO()
+    monkeypatch.setattr(cli_run, "console", Console(file=buf, width=80, force_terminal=False, color_system=None))
+    summary = _summary(dp=dp)
+    cli_run.print_summary(summary)
+    out = buf.getvalue()
+    assert "…" not in out
+    assert max(len(line.rstrip()) for line in out.splitlines()) <= 80
+    rows = {line.split()[0]: line for line in out.splitlines() if line.strip() and line.split()[0].isdigit()}
+    assert len(rows) == 10
+    for pid, p in summary["peers"].items():
+        assert f" {p['arch']} " in rows[pid]  # whole name, on the peer's own line
+        if dp:
+            assert "7.99/8.00" in rows[pid] and p["status"] in rows[pid]
+    assert "check [data] section" in out  # printed literally

@@ -17,6 +17,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help layout: rich's option table shares 80 columns among five
+    # columns and cuts option names and words (--compare-non-pri..., federation.algori...);
+    # click keeps every option name and word whole and wraps only the help text.
+    rich_markup_mode=None,
 )
 app.command("run")(run)
 app.command("audit")(audit)

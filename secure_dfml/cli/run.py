@@ -17,18 +17,34 @@ from secure_dfml.privacy import atomic_write_bytes
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    table = Table(title=f"{summary['algorithm']} on {summary['dataset']}: {summary['rounds']} rounds")
-    has_eps = any("epsilon_spent" in p for p in summary["peers"].values())
-    for col in ("peer", "arch", "global %", "local %", "peak global %", "peak local %"):
-        table.add_column(col, justify="right" if "%" in col or col == "peer" else "left")
+    """The run's result table and summary lines, readable at 80 columns: no
+    vertical rules, architecture names and numbers never wrapped or cut (only a
+    long status wraps), text from the run printed literally (no rich markup)."""
+    from rich import box
+    from rich.markup import escape
+    from rich.text import Text
+
+    table = Table(
+        title=escape(f"{summary['algorithm']} on {summary['dataset']}: {summary['rounds']} rounds (accuracy in %)"),
+        box=box.SIMPLE_HEAD, padding=(0, 0), show_edge=False,
+    )
+    peers = summary["peers"]
+    eps = {pid: f"{p.get('epsilon_spent', 0):.2f}/{p.get('epsilon_target', float('nan')):.2f}" for pid, p in peers.items()}
+    has_eps = any("epsilon_spent" in p for p in peers.values())
+    table.add_column("peer", justify="right", no_wrap=True)
+    table.add_column("arch", no_wrap=True, min_width=max((len(p["arch"]) for p in peers.values()), default=4))
+    for col in ("global", "local", "peak\nglobal", "peak\nlocal"):
+        table.add_column(col, justify="right", no_wrap=True)
     if has_eps:
-        table.add_column("epsilon spent / target", justify="right")
+        table.add_column("epsilon\nspent/\ntarget", justify="right", no_wrap=True,
+                         min_width=1 + max(len(e) for e in eps.values()))
         table.add_column("status")
-    for pid, p in summary["peers"].items():
-        row = [pid, p["arch"], pct(p["global_acc"]), pct(p["local_acc"]), pct(p.get("peak_global_acc")), pct(p.get("peak_local_acc"))]
+    for pid, p in peers.items():
+        row = [pid, p["arch"], pct(p["global_acc"]), pct(p["local_acc"]), pct(p.get("peak_global_acc")),
+               pct(p.get("peak_local_acc"))]
         if has_eps:
-            row += [f"{p.get('epsilon_spent', 0):.2f} / {p.get('epsilon_target', float('nan')):.2f}", str(p.get("status", ""))]
-        table.add_row(*row)
+            row += [eps[pid], str(p.get("status", ""))]
+        table.add_row(*(Text(c) for c in row))
     table.add_section()
     mean_row = ["mean", "", pct(summary["mean_global_acc"]), pct(summary["mean_local_acc"]),
                 pct(summary["mean_peak_global_acc"]), pct(summary["mean_peak_local_acc"])]
@@ -36,7 +52,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     console.print(table)
     if summary.get("server_global_acc") is not None:
         console.print(f"central server model global accuracy: {pct(summary['server_global_acc'])}%")
-    console.print(f"privacy: {summary['privacy_label']}")
+    console.print(f"privacy: {escape(str(summary['privacy_label']))}")
     if "non_private_twin" in summary:
         twin = summary["non_private_twin"]
         console.print(
@@ -44,14 +60,14 @@ def print_summary(summary: dict[str, Any]) -> None:
             f"{100 * summary['privacy_cost_global_acc']:+.1f} points above the DP federation "
             f"({twin['seconds_per_round']:.2f} s/round without DP)"
         )
-    console.print(f"channel: {summary['channel_description']}; secure aggregation: {summary['secure_aggregation']}")
+    console.print(escape(f"channel: {summary['channel_description']}; secure aggregation: {summary['secure_aggregation']}"))
     if summary.get("warning"):
-        console.print(f"[bold red]{summary['warning']}[/]")
+        console.print(Text(str(summary["warning"]), style="bold red"))
     console.print(
         f"{summary['seconds_per_round']:.2f} s/round ({summary['compute_seconds_per_round']:.2f} s compute, "
         f"{summary['crypto_seconds_per_round']:.3f} s crypto), {summary['bytes_per_round'] / 1e6:.2f} MB/round"
     )
-    console.print(f"run directory: [bold]{summary['run_dir']}[/]")
+    console.print(f"run directory: [bold]{escape(str(summary['run_dir']))}[/]")
 
 
 def add_non_private_baseline(cfg: RunConfig, summary: dict[str, Any], on_round: Any) -> dict[str, Any]:
