@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import io
+import math
 import os
+import struct
 import subprocess
 import sys
+import tarfile
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +26,9 @@ from secure_dfml.cli import run as cli_run
 from secure_dfml.cli.main import app
 from secure_dfml.config import DataConfig, config_from_dict, load_config
 from secure_dfml.crypto import NaClChannel, envelope_overhead, generate_keys
-from secure_dfml.data import load_dataset
-from secure_dfml.errors import AuditError, ConfigError, CryptoError, ModelError
+from secure_dfml.data import _readers, load_dataset
+from secure_dfml.data._readers import ImageCollection, read_idx
+from secure_dfml.errors import AuditError, ConfigError, CryptoError, DataError, ModelError
 from secure_dfml.models import MODEL_REGISTRY, available_models, build_model, resolve_architectures
 
 runner = CliRunner()
@@ -193,3 +199,87 @@ def test_result_table_is_readable_at_80_columns(monkeypatch: pytest.MonkeyPatch,
         if dp:
             assert "7.99/8.00" in rows[pid] and p["status"] in rows[pid]
     assert "check [data] section" in out  # printed literally
+
+
+# ---------------------------------------------------------------------------
+# 17. idx sizes with Python ints and a cap; capped streaming decompression
+
+
+def _idx_header(dims: tuple[int, ...]) -> bytes:
+    return bytes([0, 0, 0x08, len(dims)]) + struct.pack(">" + "I" * len(dims), *dims)
+
+
+def test_idx_header_with_huge_sizes_is_refused_with_a_positive_size(tmp_path: Path) -> None:
+    dims = (0xFFFFFFFF, 0xFFFFFFFF, 0x7FFFFFFF)
+    f = tmp_path / "train-images-idx3-ubyte"
+    f.write_bytes(_idx_header(dims) + b"\0" * 64)
+    with pytest.raises(DataError) as info:
+        read_idx(f)
+    msg = str(info.value)
+    assert f"{math.prod(dims):,} bytes" in msg and "exceeds the limit" in msg and "MAX_IDX_BYTES" in msg
+    assert "-" not in msg.split("announces", 1)[1].split("exceeds")[0]  # never a negative byte count
+
+
+def test_idx_gzip_bomb_is_not_decompressed_whole(tmp_path: Path) -> None:
+    # a 10-byte idx header followed by 64 MiB of zeros: a ~64 KB gzip file
+    f = tmp_path / "train-labels-idx1-ubyte.gz"
+    with gzip.open(f, "wb") as gz:
+        gz.write(_idx_header((10,)) + b"\1" * 10)
+        zeros = b"\0" * (1 << 20)
+        for _ in range(64):
+            gz.write(zeros)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"holds more than 10 bytes"):
+            read_idx(f)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024, f"peak {peak:,} bytes: the stream was decompressed whole"
+
+
+def test_idx_still_reads_plain_and_gzip(tmp_path: Path) -> None:
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    data = _idx_header(arr.shape) + arr.tobytes()
+    (tmp_path / "a").write_bytes(data)
+    (tmp_path / "a.gz").write_bytes(gzip.compress(data))
+    for name in ("a", "a.gz"):
+        assert np.array_equal(read_idx(tmp_path / name), arr)
+    (tmp_path / "short").write_bytes(data[:-3])
+    with pytest.raises(DataError, match="holds 21 bytes; the file is truncated"):
+        read_idx(tmp_path / "short")
+
+
+def _tarball(tmp_path: Path, mode: str, payload: int) -> Path:
+    Image = pytest.importorskip("PIL.Image")
+    src = tmp_path / "src"
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            d = src / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((4, 5), 7, np.uint8)).save(d / "0.png")
+    (src / "padding.bin").write_bytes(b"\0" * payload)
+    suffix = {"w:gz": ".tar.gz", "w:bz2": ".tar.bz2", "w:xz": ".tar.xz", "w": ".tar"}[mode]
+    out = tmp_path / f"imgs{suffix}"
+    with tarfile.open(out, mode) as tf:  # type: ignore[call-overload]
+        for split in ("train", "test"):
+            tf.add(src / split, arcname=split)
+        tf.add(src / "padding.bin", arcname="padding.bin")
+    return out
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+@pytest.mark.parametrize("mode", ["w:gz", "w:bz2", "w:xz", "w"])
+def test_tarball_decompressed_size_is_capped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, in_memory: bool
+) -> None:
+    path = _tarball(tmp_path, mode, payload=3 << 20)
+    if not in_memory:
+        monkeypatch.setattr(_readers, "IN_MEMORY_TAR_LIMIT", 0)  # tarfile's member-by-member path
+    coll = ImageCollection.from_tarball(path)  # under the default cap: read as before
+    assert sorted((e.split, e.label_name) for e in coll.entries) == [
+        ("test", "cat"), ("test", "dog"), ("train", "cat"), ("train", "dog")]
+    assert all(coll.read(e)[:4] == b"\x89PNG" for e in coll.entries)
+    monkeypatch.setattr(_readers, "MAX_DECOMPRESSED_BYTES", 1 << 20)
+    with pytest.raises(DataError, match=r"exceeds the limit of 1,048,576 bytes.*MAX_DECOMPRESSED_BYTES"):
+        ImageCollection.from_tarball(path)

@@ -4,6 +4,12 @@ They return raw arrays (uint8 images, string/float columns); normalisation and
 subsampling happen in :mod:`secure_dfml.data._datasets`.  Every failure is a
 :class:`~secure_dfml.errors.DataError` whose message names the file and the fix.
 Nothing is written to disk: tarballs are read in memory.
+
+Sizes announced by files are untrusted: idx header sizes are computed with
+Python integers (no overflow) and refused above :data:`MAX_IDX_BYTES` before
+anything is allocated; compressed files (gzip idx files, compressed tarballs)
+are decompressed as a stream, in chunks, and refused as soon as the
+decompressed data exceed :data:`MAX_DECOMPRESSED_BYTES` (decompression bombs).
 """
 
 from __future__ import annotations
@@ -14,12 +20,15 @@ import gzip
 import io
 import logging
 import lzma
+import math
 import os
 import struct
 import tarfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -71,40 +80,84 @@ def find_idx_files(folder: Path) -> tuple[dict[str, Path], list[str]]:
     return found, missing
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(2)
-            fh.seek(0)
-            if head == b"\x1f\x8b":
-                with gzip.GzipFile(fileobj=fh) as gz:
-                    return gz.read()
-            return fh.read()
-    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"cannot read {path}: {exc}. Check the file is complete and readable.") from exc
+#: Largest data part (bytes) an idx header may announce; a gzip idx file is
+#: decompressed no further than its header's size (+1 byte to detect extra data).
+#: For scale: 60,000 28x28 training images (MNIST, Fashion-MNIST) are 47 MB.
+MAX_IDX_BYTES = 2 * 1024**3
+#: Largest decompressed size (bytes) of a tarball; CIFAR-10 as JPEG is ~0.2 GB.
+MAX_DECOMPRESSED_BYTES = 4 * 1024**3
+_CHUNK = 1 << 20
+
+
+def _too_big(path: Path, what: str, limit: int, constant: str) -> DataError:
+    return DataError(
+        f"{path}: {what} exceeds the limit of {limit:,} bytes (secure_dfml.data._readers.{constant}). "
+        "The file is corrupt or not what it claims to be (a decompression bomb is refused too); "
+        "check or re-download it, or split the data set."
+    )
+
+
+def _read_exactly(fh: BinaryIO, n: int) -> bytes:
+    """Up to ``n`` bytes of ``fh`` (fewer at end of file), read in chunks, so a
+    stream is never decompressed further than asked."""
+    parts: list[bytes] = []
+    left = n
+    while left > 0:
+        chunk = fh.read(min(_CHUNK, left))
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read one idx file (optionally gzip-compressed) into an array."""
-    data = _read_bytes(path)
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+    """Read one idx file (optionally gzip-compressed) into an array.
+
+    The header is read first; its size is computed with Python integers and
+    refused above :data:`MAX_IDX_BYTES`, then exactly that many bytes are read
+    (decompressed as a stream), so a corrupt header or a gzip bomb costs no
+    more than the limit."""
+    try:
+        with open(path, "rb") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            fh: BinaryIO = gzip.GzipFile(fileobj=raw) if gz else raw  # type: ignore[assignment]
+            with fh:
+                return _read_idx_stream(fh, path)
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"cannot read {path}: {exc}. Check the file is complete and readable.") from exc
+
+
+def _read_idx_stream(fh: BinaryIO, path: Path) -> np.ndarray:
+    magic = fh.read(4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
         raise DataError(
             f"{path} is not an idx file (bad magic number); expected the MNIST idx format "
             "(e.g. train-images-idx3-ubyte.gz)."
         )
-    dtype = _IDX_DTYPES[data[2]]
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(data) < header:
+    dtype = _IDX_DTYPES[magic[2]]
+    ndim = magic[3]
+    dims_raw = fh.read(4 * ndim)
+    if ndim == 0 or len(dims_raw) < 4 * ndim:
         raise DataError(f"{path}: truncated idx header.")
-    dims = struct.unpack(">" + "I" * ndim, data[4:header])
-    expected = int(np.prod(dims)) * dtype.itemsize
-    if len(data) - header != expected:
-        raise DataError(
-            f"{path}: idx header announces shape {dims} ({expected} bytes of data) but the file "
-            f"holds {len(data) - header} bytes; the file is truncated or corrupt - download it again."
+    dims = struct.unpack(">" + "I" * ndim, dims_raw)
+    count = math.prod(dims)  # Python ints: no overflow, never negative
+    expected = count * dtype.itemsize
+    if expected > MAX_IDX_BYTES:
+        raise _too_big(
+            path, f"the idx header announces shape {dims} ({expected:,} bytes of data), which", MAX_IDX_BYTES,
+            "MAX_IDX_BYTES",
         )
-    arr = np.frombuffer(data, dtype=dtype, count=int(np.prod(dims)), offset=header).reshape(dims)
+    data = _read_exactly(fh, expected)
+    extra = fh.read(1)
+    if len(data) != expected or extra:
+        holds = f"{len(data):,} bytes" if not extra else f"more than {expected:,} bytes"
+        raise DataError(
+            f"{path}: idx header announces shape {dims} ({expected:,} bytes of data) but the file "
+            f"holds {holds}; the file is truncated or corrupt - download it again."
+        )
+    arr = np.frombuffer(data, dtype=dtype, count=count).reshape(dims)
     return arr.astype(dtype.newbyteorder("="), copy=False)
 
 
@@ -151,18 +204,38 @@ def find_image_root(folder: Path) -> Path | None:
     return None
 
 
-#: Tarballs up to this size (compressed) are decompressed in memory at once.
+#: Tarballs up to this size (compressed) are decompressed into memory in one
+#: streaming pass (capped at :data:`MAX_DECOMPRESSED_BYTES`), then sliced.
 IN_MEMORY_TAR_LIMIT = 512 * 1024 * 1024
 
 
-def _decompress(data: bytes) -> bytes:
-    if data[:2] == b"\x1f\x8b":
-        return gzip.decompress(data)
-    if data[:3] == b"BZh":
-        return bz2.decompress(data)
-    if data[:6] == b"\xfd7zXZ\x00":
-        return lzma.decompress(data)
-    return data
+def _decompressing_reader(fh: BinaryIO) -> BinaryIO:
+    """``fh`` itself, or a streaming decompressor over it (gzip, bzip2, xz by magic bytes)."""
+    head = fh.read(6)
+    fh.seek(0)
+    if head[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=fh)  # type: ignore[return-value]
+    if head[:3] == b"BZh":
+        return bz2.BZ2File(fh)  # type: ignore[return-value]
+    if head[:6] == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(fh)  # type: ignore[return-value]
+    return fh
+
+
+def _decompress_file(path: Path, limit: int) -> io.BytesIO:
+    """The decompressed bytes of ``path``, decompressed chunk by chunk and refused
+    as soon as they exceed ``limit`` bytes."""
+    out = io.BytesIO()
+    with open(path, "rb") as raw:
+        reader = _decompressing_reader(raw)
+        total = 0
+        while chunk := reader.read(_CHUNK):
+            total += len(chunk)
+            if total > limit:
+                raise _too_big(path, "the decompressed tarball", limit, "MAX_DECOMPRESSED_BYTES")
+            out.write(chunk)
+    out.seek(0)
+    return out
 
 
 @dataclass(frozen=True)
@@ -217,26 +290,36 @@ class ImageCollection:
         blobs: dict[str, bytes] = {}
         try:
             size = path.stat().st_size
+            limit = MAX_DECOMPRESSED_BYTES
             if size <= IN_MEMORY_TAR_LIMIT:
-                # Decompressing at once and slicing the buffer is ~2x faster than
-                # tarfile's own streaming decompression.
-                raw = _decompress(path.read_bytes())
-                view = memoryview(raw)
-                with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tf:
-                    for member in tf:
-                        entry = _tar_image_entry(member)
-                        if entry is not None:
-                            blobs[member.name] = bytes(view[member.offset_data : member.offset_data + member.size])
-                            entries.append(entry)
+                # Decompressing in one pass and slicing the buffer is ~2x faster than
+                # tarfile's own member-by-member decompression.
+                buf = _decompress_file(path, limit)
+                view = buf.getbuffer()
+                try:
+                    with tarfile.open(fileobj=buf, mode="r:") as tf:
+                        for member in tf:
+                            entry = _tar_image_entry(member)
+                            if entry is not None:
+                                blobs[member.name] = bytes(view[member.offset_data : member.offset_data + member.size])
+                                entries.append(entry)
+                finally:
+                    view.release()
             else:
                 with tarfile.open(path, mode="r:*") as tf:
                     for member in tf:
+                        # offset_data + size: how far into the decompressed stream this member reaches
+                        if member.offset_data + member.size > limit:
+                            raise _too_big(path, f"the decompressed tarball (at member {member.name!r})", limit,
+                                           "MAX_DECOMPRESSED_BYTES")
                         entry = _tar_image_entry(member)
                         fh = tf.extractfile(member) if entry is not None else None
                         if entry is not None and fh is not None:
                             blobs[member.name] = fh.read()
                             entries.append(entry)
-        except (tarfile.TarError, OSError, EOFError, lzma.LZMAError, ValueError) as exc:
+        except DataError:
+            raise
+        except (tarfile.TarError, OSError, EOFError, lzma.LZMAError, zlib.error, ValueError) as exc:
             raise DataError(
                 f"cannot read tarball {path}: {exc}. Check that the file is a complete tar archive."
             ) from exc
