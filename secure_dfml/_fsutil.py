@@ -7,9 +7,15 @@ results of an earlier run.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from secure_dfml.errors import RunDirectoryError
 
 
 def fresh_dir(path: Path) -> Path:
@@ -34,3 +40,54 @@ def swap_into_place(tmp: Path, final: Path) -> Path:
     else:
         tmp.rename(final)
     return final
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created if needed) for the block;
+    a second process asking for the same lock is refused at once with a clear
+    message (the lock is released when the holder exits, even by a crash)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(lock_path, "a+")  # noqa: SIM115 - held for the whole block
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RunDirectoryError(
+                f"{what} is in use by {holder} (lock {lock_path}); wait for it to finish or choose another directory"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"process {os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+def stamp() -> str:
+    """A readable UTC time stamp for folder names (e.g. 20261201-213000)."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def swap_dir_atomically(tmp: Path, final: Path) -> None:
+    """Replace folder ``final`` by ``tmp`` so that, after a crash at any point,
+    one complete generation exists: ``final``, or ``final`` + ``.old`` while
+    the swap was in flight (see :func:`current_generation`)."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def current_generation(final: Path) -> Path | None:
+    """The complete folder :func:`swap_dir_atomically` left behind, if any."""
+    if final.is_dir():
+        return final
+    old = final.with_name(final.name + ".old")
+    return old if old.is_dir() else None

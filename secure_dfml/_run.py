@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +18,13 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from secure_dfml._fsutil import fresh_dir, swap_into_place
-from secure_dfml.config import RunConfig, dump_toml
+from secure_dfml._fsutil import current_generation, exclusive, fresh_dir, stamp, swap_dir_atomically, swap_into_place
+from secure_dfml.config import RunConfig, dump_toml, load_config
 from secure_dfml.crypto import build_channel, build_ckks_roles, schema_of
 from secure_dfml.data import ArrayDataset, FederatedSplit, load_dataset, split_from_config
 from secure_dfml.errors import ConfigError, RunDirectoryError
 from secure_dfml.models import build_model, resolve_architectures
-from secure_dfml.privacy import DPTrainer, build_trainer
+from secure_dfml.privacy import DPTrainer, atomic_write_bytes, build_trainer, ledger_path
 from secure_dfml.protocol._interfaces import PeerState
 from secure_dfml.protocol._train import PlainTrainer
 from secure_dfml.protocol.node import PeerNode, PublicDirectory, merge_round, run_round_simulated
@@ -205,13 +208,16 @@ def build_node(
     channel: Any,
     endpoint: Endpoint,
     ledger_dir: Path | None,
+    run_id: str = "",
 ) -> PeerNode:
     """A peer node over its own state: its own trainer (and ledger), channel and endpoint."""
     cfg = plan.cfg
     if state.peer_id == plan.directory.server_id:
         trainer: Any = PlainTrainer(cfg.dfml, rounds=cfg.federation.rounds)  # the server never reads data
     else:
-        trainer = build_trainer(cfg, [state], ledger_dir=ledger_dir, generator=None, num_peers=cfg.federation.peers)
+        trainer = build_trainer(
+            cfg, [state], ledger_dir=ledger_dir, generator=None, num_peers=cfg.federation.peers, run_id=run_id
+        )
     return PeerNode(
         cfg=cfg,
         state=state,
@@ -250,11 +256,17 @@ def federation_labels(cfg: RunConfig, plan: FederationPlan, channel: Any, channe
 
 
 def build_federation(
-    cfg: RunConfig, *, ledger_dir: Path | None = None, peer_data_hook: PeerDataHook | None = None
+    cfg: RunConfig,
+    *,
+    ledger_dir: Path | None = None,
+    peer_data_hook: PeerDataHook | None = None,
+    run_id: str = "",
+    state_root: str | Path | None = None,
 ) -> Federation:
     """Load data, partition it, and build one node per peer over an in-memory
     transport.  Raises a clear error for any inconsistency before a single
-    step of training."""
+    step of training.  Ledgers go to ``ledger_dir`` (``peer_<id>.json``), or with
+    ``state_root`` to each peer's lifetime ledger ``state_root/peer_XXX/peer_<id>.json``."""
     plan = plan_federation(cfg)
     f = cfg.federation
     endpoints = len(plan.directory.archs)
@@ -265,7 +277,14 @@ def build_federation(
         sizes = tuple(s.num_train for s in states)
         plan = dataclasses.replace(plan, directory=dataclasses.replace(plan.directory, num_train=sizes))
     nodes = tuple(
-        build_node(plan, state, channel=channel.for_peer(state.peer_id), endpoint=hub.endpoint(state.peer_id), ledger_dir=ledger_dir)
+        build_node(
+            plan,
+            state,
+            channel=channel.for_peer(state.peer_id),
+            endpoint=hub.endpoint(state.peer_id),
+            ledger_dir=ledger_dir if state_root is None else peer_state_dir(state_root, state.peer_id),
+            run_id=run_id,
+        )
         for state in states
     )
     trainer = nodes[0].trainer
@@ -333,9 +352,57 @@ def _save_views(fed: Federation, views_dir: Path) -> None:
         )
 
 
+def peer_state_dir(state_root: str | Path, peer_id: int) -> Path:
+    """Peer ``peer_id``'s state directory under ``state_root`` (its lifetime ledger,
+    checkpoints and reports)."""
+    return Path(state_root) / f"peer_{peer_id:03d}"
+
+
 def default_run_dir(cfg: RunConfig, root: Path = Path("runs")) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return root / f"{stamp}-{cfg.federation.id}-{cfg.federation.algorithm}"
+
+
+RESEARCH_LEDGERS = (
+    "per-run research ledgers: each run of the simulation starts its peers' budgets afresh (earlier runs' ledgers "
+    "are kept, never deleted); a deployment's lifetime budget lives in each peer's state directory "
+    "(`secure-dfml peer`, `launch`, or `run --state DIR`)"
+)
+LIFETIME_LEDGERS = "lifetime ledgers: every run on a peer's data is charged to its one ledger in {}"
+
+
+def _checkpoint_all(fed: Federation, checkpoints: Path) -> None:
+    """Every node's checkpoint as one generation (a crash leaves the previous one)."""
+    tmp = checkpoints.with_name(checkpoints.name + ".tmp")
+    fresh_dir(tmp)
+    for node in fed.nodes:
+        atomic_write_bytes(tmp / f"peer_{node.peer_id:03d}.safetensors", node.checkpoint_bytes())
+    swap_dir_atomically(tmp, checkpoints)
+
+
+def _restore_all(fed: Federation, checkpoints: Path) -> int:
+    """Restore every node from the last complete generation; returns the rounds done."""
+    found = current_generation(checkpoints)
+    if found is None:
+        return 0
+    done = {node.restore_checkpoint((found / f"peer_{node.peer_id:03d}.safetensors").read_bytes()) for node in fed.nodes}
+    if len(done) != 1:
+        raise RunDirectoryError(f"the checkpoints in {found} are from different rounds {sorted(done)}; cannot resume")
+    return done.pop()
+
+
+def _archive_ledgers(ledgers: Path, archive_root: Path, why: str) -> None:
+    """Move a run's ledgers into ``archive_root`` (spent budget is never deleted)."""
+    if not any(ledgers.glob("*.json")):
+        return
+    dest = archive_root / f"{stamp()}-{why}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = archive_root / f"{stamp()}-{why}-{n}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ledgers, dest)
+    logger.warning("the privacy ledgers of the %s run are kept in %s", why, dest)
 
 
 def run_federation(
@@ -345,43 +412,89 @@ def run_federation(
     overwrite: bool = False,
     on_round: RoundCallback | None = None,
     plot: bool = True,
+    resume: bool = False,
+    state_root: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run ``cfg`` and write its run directory; returns the summary dict.
+    """Run ``cfg`` (the in-process simulation of every peer node) and write its
+    run directory; returns the summary dict.
 
     Results are written to ``<out>.partial`` and renamed into place only when
     the run succeeds, so a failed run never damages an earlier run directory.
-    Spent budget is never lost: a failed run's partial directory stays, and a
-    later run into the same ``out`` moves one that holds ledgers aside to
-    ``<out>.crashed-<time in ns>`` before it starts.
+    After every round each node writes a checkpoint there; ``resume=True``
+    continues an interrupted run from its last completed round (with the
+    config it started with) and gives the uninterrupted run's metrics.
+
+    Ledgers: per-run research ledgers in the run directory by default (labelled
+    so); with ``state_root`` each peer's lifetime ledger in
+    ``state_root/peer_XXX/peer_<id>.json``, charged by every run.  Spent budget is
+    never deleted: an interrupted run's folder stays for ``resume`` (or is kept
+    as ``<out>.crashed-<time>`` when a new run starts there), and ``overwrite``
+    archives the replaced run's ledgers in ``<out>.ledger-archive/``.
     """
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise RunDirectoryError(
-            f"{run_dir} already holds results; choose another --out or pass --overwrite to replace them."
-        )
     partial = run_dir.with_name(run_dir.name + ".partial")
-    if any((partial / "ledgers").glob("*.json")):
-        kept = run_dir.with_name(f"{run_dir.name}.crashed-{time.time_ns()}")
-        partial.rename(kept)
-        logger.warning("an earlier run into %s stopped before finishing; the privacy ledgers it wrote are kept in %s",
-                       run_dir, kept)
-    fresh_dir(partial)
-    fed = build_federation(cfg, ledger_dir=partial / "ledgers")
-    (partial / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")
-    t0 = time.perf_counter()
-    records: list[dict[str, Any]] = []
-    with open(partial / "metrics.jsonl", "w", encoding="utf-8") as fh:
-        for record in fed.rounds():
-            records.append(record)
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            if on_round is not None:
-                on_round(record)
-    summary = _summary(fed, records, run_dir, time.perf_counter() - t0)
-    _save_models(fed, partial / "models")
-    _save_views(fed, partial / "views")
-    (partial / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    if plot:
-        plot_accuracy(records, partial / "accuracy.png", title=f"{cfg.federation.algorithm} on {summary['dataset']}")
-    swap_into_place(partial, run_dir)
+    with exclusive(run_dir.with_name(f".{run_dir.name}.lock"), f"run directory {run_dir}"):
+        if resume:
+            if not (partial / "run.json").is_file():
+                raise RunDirectoryError(
+                    f"nothing to resume in {run_dir}: no interrupted run ({partial} has no run.json); "
+                    "start a new run instead"
+                )
+            run_meta = json.loads((partial / "run.json").read_text(encoding="utf-8"))
+            cfg = load_config(partial / "config.toml")
+            state_root = run_meta.get("state_root")
+        else:
+            if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+                raise RunDirectoryError(
+                    f"{run_dir} already holds results; choose another --out or pass --overwrite to replace them."
+                )
+            if partial.exists():
+                kept = run_dir.with_name(f"{run_dir.name}.crashed-{stamp()}")
+                partial.rename(kept)
+                logger.warning(
+                    "an earlier run into %s stopped before finishing; it is kept (ledgers included) in %s "
+                    "(`secure-dfml run --resume` would have continued it)", run_dir, kept,
+                )
+            fresh_dir(partial)
+            run_meta = {"run_id": uuid.uuid4().hex, "state_root": None if state_root is None else str(state_root)}
+            (partial / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")
+            atomic_write_bytes(partial / "run.json", json.dumps(run_meta, indent=2).encode("utf-8"))
+        run_id = run_meta["run_id"]
+        fed = build_federation(cfg, ledger_dir=partial / "ledgers", run_id=run_id, state_root=state_root)
+        fed.labels["ledger_scope"] = RESEARCH_LEDGERS if state_root is None else LIFETIME_LEDGERS.format(state_root)
+        fed.labels["run_id"] = run_id
+        start = _restore_all(fed, partial / "checkpoints") if resume else 0
+        records: list[dict[str, Any]] = []
+        metrics = partial / "metrics.jsonl"
+        if start:
+            records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()[:start]]
+            logger.warning("resuming %s after round %d of %d", run_dir, start, cfg.federation.rounds)
+        t0 = time.perf_counter()
+        atomic_write_bytes(metrics, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
+        with open(metrics, "a", encoding="utf-8") as fh:
+            for record in fed.rounds(start):
+                records.append(record)
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+                _checkpoint_all(fed, partial / "checkpoints")
+                if on_round is not None:
+                    on_round(record)
+        summary = _summary(fed, records, run_dir, time.perf_counter() - t0)
+        _save_models(fed, partial / "models")
+        _save_views(fed, partial / "views")
+        if state_root is not None:  # the run directory carries a copy of the lifetime ledgers
+            for node in fed.nodes:
+                src = ledger_path(peer_state_dir(state_root, node.peer_id), node.peer_id)
+                if src.is_file():
+                    (partial / "ledgers").mkdir(exist_ok=True)
+                    shutil.copyfile(src, partial / "ledgers" / f"peer_{node.peer_id}.json")
+        (partial / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        if plot:
+            plot_accuracy(records, partial / "accuracy.png", title=f"{cfg.federation.algorithm} on {summary['dataset']}")
+        shutil.rmtree(partial / "checkpoints", ignore_errors=True)
+        (partial / "run.json").unlink()
+        if run_dir.exists() and state_root is None:
+            _archive_ledgers(run_dir / "ledgers", run_dir.with_name(run_dir.name + ".ledger-archive"), "overwritten")
+        swap_into_place(partial, run_dir)
     return summary

@@ -65,6 +65,7 @@ class LedgerEntry:
     steps: int
     epsilon_after: float
     recorded_at: str
+    run: str = ""  # the run that charged it (a peer's ledger spans every run on its data)
 
     @property
     def mechanism(self) -> Mechanism:
@@ -126,6 +127,7 @@ class PrivacyLedger:
         self._entries: list[LedgerEntry] = []
         self._refusals: list[dict[str, Any]] = []
         self._exhausted_round: int | None = None
+        self.run_id = ""  # stamped on every entry recorded from now on
 
     # -- reading -----------------------------------------------------------
 
@@ -136,6 +138,11 @@ class PrivacyLedger:
     @property
     def mechanisms(self) -> list[Mechanism]:
         return [e.mechanism for e in self._entries]
+
+    def mechanisms_before(self, run_id: str) -> list[Mechanism]:
+        """Mechanisms charged by runs other than ``run_id`` (what a run finds
+        already spent when it starts; a resumed run keeps its own)."""
+        return [e.mechanism for e in self._entries if e.run != run_id]
 
     @property
     def spent_epsilon(self) -> float:
@@ -194,6 +201,7 @@ class PrivacyLedger:
             steps=int(mechanism.steps),
             epsilon_after=float(eps),
             recorded_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            run=self.run_id,
         )
         self._entries.append(entry)
         self._persist()
@@ -357,6 +365,7 @@ def _entry_from_dict(raw: Mapping[str, Any]) -> LedgerEntry:
         steps=int(raw["steps"]),
         epsilon_after=float(raw["epsilon_after"]),
         recorded_at=str(raw.get("recorded_at", "")),
+        run=str(raw.get("run", "")),
     )
     entry.mechanism  # noqa: B018 -- validates sigma / q / steps
     return entry

@@ -54,7 +54,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from secure_dfml.config import PeerPrivacyConfig, PrivacyConfig, RunConfig
@@ -251,7 +251,7 @@ class PeerPlan:
     expected_steps: int
     plan_on: str  # "schedule" (the public schedule's phases) | "expected"
     noise_multiplier: float | None
-    noise_source: str  # "planned" | "explicit" | "none"
+    noise_source: str  # "planned" | "explicit" | "none" | "exhausted" (earlier runs spent the budget)
     prior_noise_multiplier: float | None
     planned_epsilon: float
     epsilon_first_round: float
@@ -326,8 +326,12 @@ def plan_peer(
     *,
     phases: PhaseCount | None = None,
     prior_fraction: float = DEFAULT_PRIOR_FRACTION,
+    spent: Sequence[Mechanism] = (),
 ) -> PeerPlan:
-    """The plan for one peer; ``phases`` defaults to the expected schedule."""
+    """The plan for one peer; ``phases`` defaults to the expected schedule.
+    ``spent``: mechanisms already charged to the peer's (lifetime) ledger by
+    earlier runs -- the noise is calibrated so that they plus this run's phases
+    stay within the target; when they already exhaust it nothing is planned."""
     acc = cfg.privacy.accountant
     part = expected_participation(cfg)
     q = sample_rate_for(cfg.dfml.batch_size, budget.num_train)
@@ -342,13 +346,20 @@ def plan_peer(
         if cfg.privacy.class_prior == "dp" and mutual_phases > 0  # released by aggregators only
         else None
     )
-    fixed = [Mechanism(prior_sigma, 1.0, 1)] if prior_sigma is not None else []
+    fixed = [*spent, *([Mechanism(prior_sigma, 1.0, 1)] if prior_sigma is not None else [])]
+    exhausted = (
+        bool(spent)
+        and budget.epsilon is not None
+        and compute_epsilon(fixed, delta=budget.delta, accountant=acc) >= budget.epsilon * (1 - 1e-9)
+    )
 
     if budget.noise_multiplier is not None:
         sigma: float | None = budget.noise_multiplier
         source = "explicit"
     elif total_steps == 0:
         sigma, source = None, "none"
+    elif exhausted:
+        sigma, source = None, "exhausted"
     else:
         assert budget.epsilon is not None  # resolve_budget guarantees eps or sigma
         sigma = noise_for_budget(
@@ -419,6 +430,7 @@ def plan_all(
     *,
     prior_fraction: float = DEFAULT_PRIOR_FRACTION,
     num_peers: int | None = None,
+    spent: Mapping[int, Sequence[Mechanism]] | None = None,
 ) -> list[PeerPlan]:
     """Plans for ``budgets`` (any subset of the federation's ``num_peers`` peers,
     default ``len(budgets)``: a peer node plans only its own); peers with the
@@ -426,14 +438,16 @@ def plan_all(
     phases = peer_phases(cfg, len(budgets) if num_peers is None else num_peers)
     plans: list[PeerPlan] = []
     cache: dict[tuple[object, ...], PeerPlan] = {}
+    spent = spent or {}
     for budget in budgets:
         ph = phases[budget.peer_id]
-        key = (budget.num_train, budget.epsilon, budget.delta, budget.max_grad_norm, budget.noise_multiplier, ph)
+        history = tuple(spent.get(budget.peer_id, ()))
+        key = (budget.num_train, budget.epsilon, budget.delta, budget.max_grad_norm, budget.noise_multiplier, ph, history)
         hit = cache.get(key)
         if hit is not None:
             plan = dataclasses.replace(hit, peer_id=budget.peer_id)
         else:
-            plan = plan_peer(cfg, budget, phases=ph, prior_fraction=prior_fraction)
+            plan = plan_peer(cfg, budget, phases=ph, prior_fraction=prior_fraction, spent=history)
             cache[key] = plan
         plans.append(plan)
     return plans

@@ -81,9 +81,14 @@ class DPTrainer:
         generator: torch.Generator | None = None,
         prior_fraction: float = DEFAULT_PRIOR_FRACTION,
         num_peers: int | None = None,
+        run_id: str = "",
     ) -> None:
         """``peers``: the peers whose data this trainer reads -- a peer node passes
-        only its own -- out of a federation of ``num_peers`` (default ``len(peers)``)."""
+        only its own -- out of a federation of ``num_peers`` (default ``len(peers)``).
+
+        A ledger found in ``ledger_dir`` is resumed, never reset: what runs other
+        than ``run_id`` charged to it counts against the budget, and this run's
+        noise is planned for what is left."""
         privacy = cfg.privacy
         num_peers = len(peers) if num_peers is None else num_peers
         self.cfg = cfg
@@ -109,16 +114,9 @@ class DPTrainer:
         }
         for p in peers:
             validate_model(p.model, name=f"peer {p.peer_id} model ({p.arch})")
-        # 2. noise multipliers (calibrated to the public schedule or its expectation)
         if not set(ids) <= set(range(num_peers)):
             raise PrivacyValidationError(f"peer ids must be in 0..{num_peers - 1}, got {sorted(ids)}.")
-        self._plans: dict[int, PeerPlan] = {
-            plan.peer_id: plan
-            for plan in plan_all(
-                cfg, [self._budgets[i] for i in sorted(ids)], prior_fraction=prior_fraction, num_peers=num_peers
-            )
-        }
-        # 3. ledgers (resumed if present: spent budget is never reset)
+        # 2. ledgers (resumed if present: spent budget is never reset)
         self._ledgers: dict[int, PrivacyLedger] = {}
         for pid, b in self._budgets.items():
             if ledger_dir is None:
@@ -134,7 +132,19 @@ class DPTrainer:
                     accountant=privacy.accountant,
                 )
                 led.save()
+            led.run_id = run_id
             self._ledgers[pid] = led
+        # 3. noise multipliers (calibrated to the public schedule or its expectation, after earlier runs' spending)
+        self._plans: dict[int, PeerPlan] = {
+            plan.peer_id: plan
+            for plan in plan_all(
+                cfg,
+                [self._budgets[i] for i in sorted(ids)],
+                prior_fraction=prior_fraction,
+                num_peers=num_peers,
+                spent={pid: led.mechanisms_before(run_id) for pid, led in self._ledgers.items()},
+            )
+        }
         # 4. randomness
         self._rng: dict[int, Randomness] = {}
         for p in sorted(peers, key=lambda s: s.peer_id):
@@ -239,6 +249,14 @@ class DPTrainer:
         gate (recorded in the ledger before training), then train."""
         mech = self._mechanism(peer, epochs)
         if mech is None:
+            plan = self._plans[peer.peer_id]
+            if plan.noise_source == "exhausted":
+                reason = (
+                    f"budget exhausted: earlier runs on peer {peer.peer_id}'s data already spent its lifetime budget "
+                    f"(epsilon {self._ledgers[peer.peer_id].spent_epsilon:.4g} of {plan.target_epsilon:g})"
+                )
+                self._ledgers[peer.peer_id].refuse(round_index=round_index, phase=phase, would_spend=float("nan"))
+                return PhaseReport(ran=False, reason=reason, extra=self._extra(peer.peer_id))
             return PhaseReport(ran=False, reason="no noise multiplier planned (the planned schedule has no steps for this peer)")
         refused = self._admit(peer.peer_id, round_index=round_index, phase=phase, mechanism=mech)
         if refused is not None:
@@ -333,6 +351,16 @@ class DPTrainer:
         self._priors[peer.peer_id] = prior
         return prior.clone()
 
+    def export_state(self, peer_id: int) -> dict[str, torch.Tensor]:
+        """What a checkpoint must keep: the released (DP) class prior, so a
+        resumed peer never releases it again."""
+        prior = self._priors.get(peer_id)
+        return {} if prior is None else {"class_prior": prior.clone()}
+
+    def restore_state(self, peer_id: int, state: Mapping[str, torch.Tensor]) -> None:
+        if "class_prior" in state:
+            self._priors[peer_id] = state["class_prior"].clone()
+
     def peer_status(self, peer_id: int) -> Mapping[str, object]:
         led = self._ledgers.get(peer_id)
         if led is None:
@@ -360,10 +388,11 @@ def build_trainer(
     ledger_dir: Path | None,
     generator: torch.Generator | None,
     num_peers: int | None = None,
+    run_id: str = "",
 ) -> Trainer:
     """``PlainTrainer`` when ``cfg.privacy.enabled`` is false, else a :class:`DPTrainer`
     (validated, planned and with ledgers under ``ledger_dir``) -- all before training.
     ``peers`` are the peers whose data the trainer reads (a node: only its own)."""
     if not cfg.privacy.enabled:
         return PlainTrainer(cfg.dfml, rounds=cfg.federation.rounds)
-    return DPTrainer(cfg, peers, ledger_dir=ledger_dir, generator=generator, num_peers=num_peers)
+    return DPTrainer(cfg, peers, ledger_dir=ledger_dir, generator=generator, num_peers=num_peers, run_id=run_id)

@@ -99,5 +99,11 @@ class PlainTrainer:
             return torch.full((peer.num_classes,), 1.0 / peer.num_classes)
         return empirical_class_prior(peer.y_train, peer.num_classes)
 
+    def export_state(self, peer_id: int) -> dict[str, torch.Tensor]:
+        return {}
+
+    def restore_state(self, peer_id: int, state: Mapping[str, torch.Tensor]) -> None:
+        pass
+
     def peer_status(self, peer_id: int) -> Mapping[str, object]:
         return {}

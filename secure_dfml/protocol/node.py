@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -39,6 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from secure_dfml.config import RunConfig
@@ -51,6 +54,27 @@ from secure_dfml.transport import Endpoint, Message
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+CHECKPOINT_FORMAT = "secure-dfml-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(SecureDFMLError, ValueError):
+    """A peer checkpoint is unreadable or belongs to another peer or federation."""
+
+
+def safe_open_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors blob (its JSON header; no tensors parsed)."""
+    if len(data) < 8:
+        raise ValueError("too short for a safetensors file")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8 or n > 100_000_000:
+        raise ValueError("safetensors header length out of range")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("safetensors metadata is not a mapping")
+    return {str(k): str(v) for k, v in meta.items()}
 
 
 @dataclass(frozen=True)
@@ -313,6 +337,80 @@ class PeerNode:
     def report_group(self, group: Group, info: Mapping[str, Any]) -> None:
         with self._lock:
             self.log.groups.append({"aggregator": group.aggregator, "senders": list(group.senders), **info})
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def checkpoint_bytes(self) -> bytes:
+        """Everything this node needs to continue after round ``completed_rounds - 1``,
+        as one safetensors file (tensors + JSON metadata; never pickle): model,
+        peak model and round, generator state, trainer state (the DP class
+        prior), the replay-cache window, its views and counters."""
+        p = self.state
+        tensors: dict[str, torch.Tensor] = {f"model/{k}": v.detach().contiguous().clone() for k, v in p.model.state_dict().items()}
+        if p.peak_state is not None:
+            tensors.update({f"peak/{k}": v.contiguous() for k, v in p.peak_state.items()})
+        tensors["rng/generator"] = p.generator.get_state()
+        tensors.update({f"trainer/{k}": v.contiguous() for k, v in self.trainer.export_state(self.peer_id).items()})
+        view_rounds: dict[str, int] = {}
+        for (view, peer), (rnd, state) in self.views.items():
+            view_rounds[f"{view}/{peer}"] = rnd
+            tensors.update({f"view/{view}/{peer}/{k}": v.contiguous() for k, v in state.items()})
+        replay = getattr(self.channel, "replay", None)
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "federation": self.directory.federation_id,
+            "peer_id": self.peer_id,
+            "arch": p.arch,
+            "completed_rounds": self.completed_rounds,
+            "peak_round": p.peak_round,
+            "peak_metrics": list(p.peak_metrics) if p.peak_metrics is not None else None,
+            "rejected_messages": self.rejected_messages,
+            "views": view_rounds,
+            "replay": replay.export_state() if replay is not None else None,
+        }
+        return save_safetensors(tensors, metadata={"secure_dfml": json.dumps(meta, sort_keys=True)})
+
+    def restore_checkpoint(self, data: bytes) -> int:
+        """Load a checkpoint written by :meth:`checkpoint_bytes` (of this very peer
+        and federation); returns the number of completed rounds."""
+        try:
+            meta = json.loads(safe_open_metadata(data)["secure_dfml"])
+            tensors = load_safetensors(data)
+        except (KeyError, ValueError, TypeError, RuntimeError, OSError) as exc:
+            raise CheckpointError(f"peer {self.peer_id}: the checkpoint is unreadable ({exc}); remove it to start over") from None
+        if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"peer {self.peer_id}: not a secure-dfml checkpoint (format {meta.get('format')!r})")
+        if meta.get("peer_id") != self.peer_id or meta.get("federation") != self.directory.federation_id:
+            raise CheckpointError(
+                f"checkpoint belongs to peer {meta.get('peer_id')} of federation {meta.get('federation')!r}, "
+                f"not peer {self.peer_id} of {self.directory.federation_id!r}"
+            )
+        p = self.state
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        try:
+            p.model.load_state_dict(part("model/"))
+            peak = part("peak/")
+            p.peak_state = peak or None
+            p.generator.set_state(tensors["rng/generator"])
+        except (RuntimeError, KeyError) as exc:
+            raise CheckpointError(f"peer {self.peer_id}: checkpoint does not fit this peer's model ({exc})") from None
+        p.peak_round = meta["peak_round"]
+        p.peak_metrics = tuple(meta["peak_metrics"]) if meta["peak_metrics"] is not None else None
+        self.trainer.restore_state(self.peer_id, part("trainer/"))
+        self.views = {}
+        for key, rnd in meta["views"].items():
+            view, peer = key.split("/")
+            self.views[(view, int(peer))] = (int(rnd), part(f"view/{view}/{peer}/"))
+        replay = getattr(self.channel, "replay", None)
+        if replay is not None and meta.get("replay") is not None:
+            replay.restore_state(meta["replay"])
+        self.rejected_messages = int(meta["rejected_messages"])
+        self.completed_rounds = int(meta["completed_rounds"])
+        return self.completed_rounds
 
     # -- the round ---------------------------------------------------------------------
 
