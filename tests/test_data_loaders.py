@@ -353,8 +353,11 @@ def test_unknown_file_type(tmp_path):
 
 @pytest.fixture
 def no_default_locations(tmp_path, monkeypatch):
-    """Hide ../shared/data, the repository's data and system folders."""
-    work = tmp_path / "work" / "cwd"
+    """Hide shared/data beside the checkout, the environment variable and system folders.
+
+    The checkout is moved to tmp/work/repo (so shared data beside it is
+    tmp/work/shared/data) and the current directory to tmp/elsewhere/cwd."""
+    work = tmp_path / "elsewhere" / "cwd"
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
     monkeypatch.delenv(_locate.ENV_VAR, raising=False)
@@ -390,9 +393,27 @@ def test_env_var_folder(no_default_locations, monkeypatch):
     assert load_dataset(DataConfig(name="fashion-mnist")).input_shape == (1, 28, 28)
 
 
-def test_shared_data_relative_to_cwd(no_default_locations):
+def test_shared_data_beside_the_checkout(no_default_locations):
     _write_idx_folder(no_default_locations / "work" / "shared" / "data" / "fashion-mnist", classes=10, hw=(28, 28))
     assert len(load_dataset(DataConfig(name="fashion-mnist")).y_train) == 40
+
+
+def test_shared_data_is_not_looked_for_from_the_current_directory(no_default_locations):
+    # ../shared/data from the current directory is wherever the user happens to be: never looked at
+    _write_idx_folder(no_default_locations / "elsewhere" / "shared" / "data" / "fashion-mnist", classes=10, hw=(28, 28))
+    with pytest.raises(DataError, match="Looked in") as info:
+        load_dataset(DataConfig(name="fashion-mnist"))
+    assert str(no_default_locations / "work" / "shared" / "data" / "fashion-mnist") in str(info.value)
+    assert "elsewhere" not in str(info.value) and "current directory" not in str(info.value)
+
+
+def test_shared_data_location_does_not_depend_on_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv(_locate.ENV_VAR, raising=False)
+    before = _locate.search_locations("fashion-mnist")
+    monkeypatch.chdir(tmp_path)
+    assert _locate.search_locations("fashion-mnist") == before
+    assert (_locate.SHARED_DATA_ORIGIN, _locate.REPO_ROOT.parent / "shared" / "data" / "fashion-mnist") in before
+    assert _locate.REPO_ROOT == Path(_locate.__file__).resolve().parent.parent.parent
 
 
 def test_cifar10_tiny_tarball(no_default_locations):

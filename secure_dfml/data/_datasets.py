@@ -699,8 +699,9 @@ def load_dataset(cfg: DataConfig, *, rng: np.random.Generator | None = None) -> 
 
     Built-in sets that need files (fashion-mnist, cifar10, cardio) are looked
     for in ``cfg.path`` (only there when set), then ``$SECURE_DFML_DATA/<name>``,
-    then ``../shared/data/<name>`` relative to the current directory and to the
-    repository root, then system folders (``/usr/share/datasets/fashion-mnist``).
+    then ``shared/data/<name>`` beside the project checkout (fixed by where the
+    package lives, not by the current directory), then system folders
+    (``/usr/share/datasets/fashion-mnist``); see :mod:`secure_dfml.data._locate`.
     """
     if rng is None:
         rng = np.random.default_rng(DEFAULT_SUBSAMPLE_SEED)

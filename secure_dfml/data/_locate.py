@@ -3,13 +3,17 @@
 Order, first match wins:
 
 1. ``data.path`` (the data set's own folder/file, or a folder containing it);
-   when set it is the only place looked at.
+   when set it is the only place looked at.  A relative ``data.path`` is, like
+   any path the user types, relative to the current directory.
 2. ``$SECURE_DFML_DATA/<subdir>`` (a folder containing ``fashion-mnist/``,
    ``cifar10/``, ``cardio/``).
-3. ``../shared/data/<subdir>`` relative to the current directory.
-4. ``../shared/data/<subdir>`` relative to the repository root (the folder
-   that contains the ``secure_dfml`` package).
-5. System folders, e.g. ``/usr/share/datasets/fashion-mnist`` (Debian package
+3. ``shared/data/<subdir>`` beside the project checkout: the checkout is
+   :data:`REPO_ROOT`, the parent of the ``secure_dfml`` package directory, so
+   this is ``REPO_ROOT/../shared/data`` (the package directory's parent's
+   parent).  It is fixed by where the package lives, never by the current
+   directory, so a command finds the same data wherever it is run from; for an
+   installed (non-checkout) package it simply does not exist.
+4. System folders, e.g. ``/usr/share/datasets/fashion-mnist`` (Debian package
    ``dataset-fashion-mnist``).
 """
 
@@ -26,8 +30,10 @@ from secure_dfml.errors import DataError
 log = logging.getLogger(__name__)
 
 ENV_VAR = "SECURE_DFML_DATA"
-# secure_dfml/data/_locate.py -> parents[2] is the repository root.
+# secure_dfml/data/_locate.py -> parents[2] is the project checkout (the folder holding secure_dfml/).
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: Where ``shared/data`` is looked for: beside the checkout (see the module docstring).
+SHARED_DATA_ORIGIN = "shared/data beside the project checkout"
 SYSTEM_DIRS: dict[str, tuple[Path, ...]] = {
     "fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"),),
 }
@@ -36,13 +42,14 @@ T = TypeVar("T")
 
 
 def search_locations(subdir: str) -> list[tuple[str, Path]]:
-    """Candidate folders for a built-in data set (after ``data.path``), in order."""
+    """Candidate folders for a built-in data set (after ``data.path``), in order:
+    ``$SECURE_DFML_DATA``, ``shared/data`` beside the checkout, system folders
+    (none of them depends on the current directory)."""
     out: list[tuple[str, Path]] = []
     env = os.environ.get(ENV_VAR)
     if env:
         out.append((f"${ENV_VAR}", Path(env).expanduser() / subdir))
-    out.append(("../shared/data (from the current directory)", Path.cwd() / ".." / "shared" / "data" / subdir))
-    out.append(("../shared/data (from the repository root)", REPO_ROOT / ".." / "shared" / "data" / subdir))
+    out.append((SHARED_DATA_ORIGIN, REPO_ROOT.parent / "shared" / "data" / subdir))
     out.extend(("system folder", p) for p in SYSTEM_DIRS.get(subdir, ()))
     seen: set[Path] = set()
     unique = []
