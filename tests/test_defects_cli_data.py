@@ -25,7 +25,7 @@ from secure_dfml.audit._rundir import audit_run_dir
 from secure_dfml.cli import run as cli_run
 from secure_dfml.cli.main import app
 from secure_dfml.config import DataConfig, config_from_dict, load_config
-from secure_dfml.crypto import NaClChannel, envelope_overhead, generate_keys
+from secure_dfml.crypto import EnvelopeError, MissingKeyError, NaClChannel, envelope_overhead, generate_keys
 from secure_dfml.data import _readers, load_dataset
 from secure_dfml.data._readers import ImageCollection, read_idx
 from secure_dfml.errors import AuditError, ConfigError, CryptoError, DataError, ModelError
@@ -283,3 +283,25 @@ def test_tarball_decompressed_size_is_capped(
     monkeypatch.setattr(_readers, "MAX_DECOMPRESSED_BYTES", 1 << 20)
     with pytest.raises(DataError, match=r"exceeds the limit of 1,048,576 bytes.*MAX_DECOMPRESSED_BYTES"):
         ImageCollection.from_tarball(path)
+
+
+# ---------------------------------------------------------------------------
+# 22. SECURITY.md names the refusals that are not EnvelopeErrors
+
+
+def test_security_md_names_refusals_that_are_not_envelope_errors() -> None:
+    text = (Path(__file__).resolve().parents[1] / "SECURITY.md").read_text(encoding="utf-8")
+    start = text.index("Every refusal")
+    paragraph = " ".join(text[start : text.index("\n\n", start)].split())
+    assert "MissingKeyError" in paragraph and "not loaded" in paragraph
+    assert "Every refusal raises a subclass of `EnvelopeError`" not in paragraph
+    # and the behaviour it describes
+    keyring = generate_keys(2, "fed")
+    ch = NaClChannel(keyring=keyring)
+    env = ch.seal(b"m", sender=0, recipient=1, round_index=0, kind="model")
+    with pytest.raises(MissingKeyError) as info:
+        ch.open(env, sender=0, recipient=7, round_index=0, kind="model")
+    assert isinstance(info.value, CryptoError) and not isinstance(info.value, EnvelopeError)
+    with pytest.raises(CryptoError) as info2:
+        ch.open(env, sender=0, recipient=1, round_index=0, kind="bad kind!")
+    assert not isinstance(info2.value, EnvelopeError)
