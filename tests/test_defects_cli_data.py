@@ -6,17 +6,24 @@ import gzip
 import io
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
 import tarfile
+import tomllib
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import opacus.optimizers.optimizer as opacus_optimizer_module
 import pytest
 import torch
+from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample import gsm_base as opacus_gsm_base
+from opacus.optimizers import DPOptimizer
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -30,6 +37,9 @@ from secure_dfml.data import _readers, load_dataset
 from secure_dfml.data._readers import ImageCollection, read_idx
 from secure_dfml.errors import AuditError, ConfigError, CryptoError, DataError, ModelError
 from secure_dfml.models import MODEL_REGISTRY, available_models, build_model, resolve_architectures
+from secure_dfml.privacy import _dpsgd as opacus_dpsgd
+from secure_dfml.privacy import _opacus_compat as opacus_compat
+from secure_dfml.privacy._dpsgd import DPSGDSession
 
 runner = CliRunner()
 
@@ -305,3 +315,60 @@ def test_security_md_names_refusals_that_are_not_envelope_errors() -> None:
     with pytest.raises(CryptoError) as info2:
         ch.open(env, sender=0, recipient=1, round_index=0, kind="bad kind!")
     assert not isinstance(info2.value, EnvelopeError)
+
+
+# ---------------------------------------------------------------------------
+# 23. Opacus: an upper bound, and the internals checked in one compatibility module
+
+
+def test_opacus_internals_used_by_dp_sgd_are_present(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert opacus_compat.check_opacus_internals() == []
+    monkeypatch.setattr(opacus_compat, "_verified", False)
+    opacus_compat.require_opacus_internals()  # the installed Opacus passes
+
+
+def test_opacus_bound_in_pyproject_matches_the_compat_module() -> None:
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    opacus_deps = [d for d in project["project"]["dependencies"] if d.startswith("opacus")]
+    assert opacus_deps == ["opacus" + opacus_compat.TESTED_OPACUS]
+    lo, hi = (tuple(int(x) for x in b.lstrip("<>=").split(".")) for b in opacus_compat.TESTED_OPACUS.split(","))
+    installed = tuple(int(x) for x in opacus_compat.opacus_version().split(".")[:2])
+    assert lo <= installed < hi
+
+
+def _without_forward_counter(monkeypatch: pytest.MonkeyPatch) -> None:
+    attrs = [a for a in opacus_gsm_base.OPACUS_PARAM_MONKEYPATCH_ATTRS if a != "_forward_counter"]
+    monkeypatch.setattr(opacus_gsm_base, "OPACUS_PARAM_MONKEYPATCH_ATTRS", attrs)
+
+
+def _delete_method(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> None:
+    """Remove ``cls.name`` for the test, from whichever class of the MRO defines it."""
+    owner = next(c for c in cls.__mro__ if name in vars(c))
+    monkeypatch.delattr(owner, name)
+    assert not hasattr(cls, name)
+
+
+_BREAKS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
+    "_check_processed_flag": lambda mp: mp.delattr(opacus_optimizer_module, "_check_processed_flag"),
+    "_mark_as_processed": lambda mp: mp.delattr(opacus_optimizer_module, "_mark_as_processed"),
+    "DPOptimizer.add_noise": lambda mp: _delete_method(mp, DPOptimizer, "add_noise"),
+    "GradSampleModule.capture_backprops_hook": lambda mp: _delete_method(mp, GradSampleModule, "capture_backprops_hook"),
+    "_forward_counter": _without_forward_counter,
+}
+
+
+@pytest.mark.parametrize("missing", sorted(_BREAKS))
+def test_a_missing_opacus_internal_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch, missing: str) -> None:
+    _BREAKS[missing](monkeypatch)
+    monkeypatch.setattr(opacus_compat, "_verified", False)
+    version = re.escape(opacus_compat.opacus_version())
+    pattern = rf"Opacus {version} lacks .*{re.escape(missing)}.*pip install 'opacus>=1\.5,<1\.7'"
+    with pytest.raises(opacus_compat.OpacusCompatibilityError, match=pattern):
+        opacus_compat.require_opacus_internals()
+    # a DP-SGD phase refuses to start, before touching the model
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(opacus_compat.OpacusCompatibilityError, match=pattern):
+        DPSGDSession(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=torch.nn.functional.cross_entropy,
+                     batch_dim=0, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4, mode="bk",
+                     noise_generator=torch.Generator().manual_seed(0))
+    assert opacus_dpsgd.opacus_leftovers(model) == []

@@ -32,6 +32,11 @@ operating system's CSPRNG (``os.urandom``) and sums Gaussians as Opacus'
 ``secure_mode`` does against floating-point attacks; Opacus' own secure mode
 needs ``torchcsprng``, which has no build for current PyTorch, so the CSPRNG
 source is provided here.
+
+Opacus internals (private functions, overridden hooks, the per-parameter
+``_forward_counter``) are reached only through
+:mod:`secure_dfml.privacy._opacus_compat`, which checks them before the first
+phase and names the Opacus version and the missing attribute if one is gone.
 """
 
 from __future__ import annotations
@@ -58,12 +63,18 @@ from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS, Abstract
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.linear import compute_linear_norm_sample
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
 from secure_dfml.config import DFMLConfig
 from secure_dfml.privacy._errors import PrivacyValidationError
+from secure_dfml.privacy._opacus_compat import (
+    check_processed_flag,
+    forward_counter,
+    mark_as_processed,
+    release_forward,
+    require_opacus_internals,
+)
 from secure_dfml.protocol._train import make_optimizer
 
 logger = logging.getLogger(__name__)
@@ -155,12 +166,12 @@ class _NoiseMixin:
             else:
                 p.summed_grad = p.grad  # type: ignore[attr-defined]
 
-    def add_noise(self) -> None:
+    def add_noise(self) -> None:  # overrides Opacus' DPOptimizer.add_noise (see _opacus_compat)
         std = self.noise_multiplier * self.max_grad_norm
         buffers: dict[int, torch.Tensor] = self.__dict__.setdefault("_noise_buffers", {})
         for p in self.params:
             summed = p.summed_grad  # type: ignore[attr-defined]
-            _check_processed_flag(summed)
+            check_processed_flag(summed)
             if std > 0:
                 if self.secure_noise:
                     summed.add_(secure_gaussian(std, summed))
@@ -170,7 +181,7 @@ class _NoiseMixin:
                         buf = buffers[id(p)] = torch.empty_like(summed)
                     summed.add_(buf.normal_(0.0, std, generator=self.generator))
             p.grad = summed.view_as(p)
-            _mark_as_processed(summed)
+            mark_as_processed(summed)
 
 
 class _DPOptimizer(_NoiseMixin, DPOptimizer):
@@ -477,7 +488,7 @@ class _BookKeepingModule(GradSampleModule):
             if not _bk_patchable(sub):
                 yield sub
 
-    def capture_backprops_hook(
+    def capture_backprops_hook(  # overrides Opacus' hook, registered by name (see _opacus_compat)
         self,
         module: nn.Module,
         _forward_input: torch.Tensor,
@@ -492,7 +503,7 @@ class _BookKeepingModule(GradSampleModule):
             module=module, backprops=backprops, loss_reduction=loss_reduction, batch_first=batch_first
         )
         params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if any(p._forward_counter != 1 for p in params):  # type: ignore[attr-defined]
+        if any(forward_counter(p) != 1 for p in params):
             raise NotImplementedError(
                 "grad_sample_mode 'bk' does not support a layer used twice in one forward pass "
                 "(parameter tying); use 'hooks'."
@@ -504,7 +515,7 @@ class _BookKeepingModule(GradSampleModule):
             if p.requires_grad:
                 p.grad_sample = gs  # type: ignore[attr-defined]
         for p in params:
-            p._forward_counter -= 1  # type: ignore[attr-defined]
+            release_forward(p)
         if len(module.activations) == 0 and hasattr(module, "max_batch_len"):  # type: ignore[attr-defined]
             del module.max_batch_len
 
@@ -704,6 +715,7 @@ class DPSGDSession:
         secure: bool = False,
         clip_groups: ClipGroups | None = None,
     ) -> None:
+        require_opacus_internals()  # the Opacus internals below are still there (clear error otherwise)
         self.module = module
         self.mode = resolve_grad_sample_mode(mode, module)
         self.loss_fn = loss_fn
