@@ -1,6 +1,6 @@
 """secure_dfml: Decentralized Federated Mutual Learning, hardened for privacy."""
 
-from secure_dfml._run import build_federation, run_federation
+from secure_dfml._run import build_federation, interrupted_config, run_federation
 from secure_dfml.config import RunConfig, config_from_dict, default_config, load_config
 from secure_dfml.errors import SecureDFMLError
 
@@ -10,6 +10,7 @@ __all__ = [
     "build_federation",
     "config_from_dict",
     "default_config",
+    "interrupted_config",
     "load_config",
     "run_federation",
 ]

@@ -9,7 +9,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,8 +108,12 @@ class FederationPlan:
     public test set, and how to build a model of any architecture."""
 
     cfg: RunConfig
-    dataset: ArrayDataset
-    split: FederatedSplit
+    dataset: ArrayDataset | None  # None once a peer kept only its own shard
+    split: FederatedSplit | None
+    dataset_name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    kind: str
     archs: tuple[str, ...]
     strategy: Strategy
     directory: PublicDirectory
@@ -119,12 +123,13 @@ class FederationPlan:
 
     def model(self, arch: str, generator: torch.Generator) -> torch.nn.Module:
         return build_model(
-            arch,
-            input_shape=self.dataset.input_shape,
-            num_classes=self.dataset.num_classes,
-            kind=self.dataset.kind,
-            generator=generator,
+            arch, input_shape=self.input_shape, num_classes=self.num_classes, kind=self.kind, generator=generator
         )
+
+    def own_shard_only(self) -> FederationPlan:
+        """This plan without the federation's training records (a peer keeps only
+        its own shard, built with :meth:`peer_state` before this)."""
+        return dataclasses.replace(self, dataset=None, split=None)
 
     def model_factory(self) -> Callable[[str], torch.nn.Module]:
         """Fresh models to load received weights into (their initial values are overwritten)."""
@@ -134,13 +139,15 @@ class FederationPlan:
     def peer_state(self, peer_id: int, peer_data_hook: PeerDataHook | None = None) -> PeerState:
         """Peer ``peer_id``'s own state: its shard of the data, its model and generator."""
         f = self.cfg.federation
+        if self.dataset is None or self.split is None:
+            raise ConfigError("this plan kept no training records (own_shard_only); plan the federation again")
         if peer_id == self.directory.server_id:  # the virtual server of fedavg-central: no data
-            empty_x = torch.empty((0, *self.dataset.input_shape))
+            empty_x = torch.empty((0, *self.input_shape))
             empty_y = torch.empty((0,), dtype=torch.int64)
             return PeerState(
                 peer_id=peer_id, arch=self.archs[0], model=self.model(self.archs[0], torch.Generator().manual_seed(self.peer_seeds[0])),
                 x_train=empty_x, y_train=empty_y, x_local_test=empty_x, y_local_test=empty_y,
-                num_classes=self.dataset.num_classes, generator=torch.Generator().manual_seed(self.peer_seeds[0]),
+                num_classes=self.num_classes, generator=torch.Generator().manual_seed(self.peer_seeds[0]),
             )
         if not 0 <= peer_id < f.peers:
             raise ConfigError(f"peer id {peer_id} is not in the federation (ids 0..{f.peers - 1})")
@@ -183,7 +190,8 @@ def plan_federation(cfg: RunConfig, *, declared_train: Sequence[int] | None = No
     server_id = f.peers if strategy.uses_server else None
     all_archs = archs + ((archs[0],) if server_id is not None else ())
     plan = FederationPlan(
-        cfg=cfg, dataset=dataset, split=split, archs=all_archs, strategy=strategy,
+        cfg=cfg, dataset=dataset, split=split, dataset_name=dataset.name, input_shape=tuple(dataset.input_shape),
+        num_classes=dataset.num_classes, kind=dataset.kind, archs=all_archs, strategy=strategy,
         directory=PublicDirectory(federation_id=f.id, archs=all_archs, num_train=(), schemas={}),
         peer_seeds=peer_seeds,
         x_test=torch.from_numpy(np.ascontiguousarray(dataset.x_test, dtype=np.float32)),
@@ -233,15 +241,25 @@ def build_node(
     )
 
 
-def federation_labels(cfg: RunConfig, plan: FederationPlan, channel: Any, channel_description: str, private: bool, rng_label: str | None) -> dict[str, Any]:
+def federation_labels(
+    cfg: RunConfig,
+    plan: FederationPlan,
+    *,
+    channel_name: str,
+    channel_secure: bool,
+    channel_description: str,
+    private: bool,
+    rng_label: str | None,
+) -> dict[str, Any]:
+    """The summary's description of a federation (public facts and what protects it)."""
     labels: dict[str, Any] = {
-        "dataset": plan.dataset.name,
-        "num_classes": plan.dataset.num_classes,
+        "dataset": plan.dataset_name,
+        "num_classes": plan.num_classes,
         "train_samples_per_peer": list(plan.directory.num_train[: cfg.federation.peers]),
         "architectures": list(plan.archs[: cfg.federation.peers]),
-        "channel": channel.name,
+        "channel": channel_name,
         "channel_description": channel_description,
-        "channel_secure": channel.secure,
+        "channel_secure": channel_secure,
         "secure_aggregation": cfg.crypto.secure_aggregation,
         "private": private,
         "privacy_label": (
@@ -250,9 +268,22 @@ def federation_labels(cfg: RunConfig, plan: FederationPlan, channel: Any, channe
             else "NON-PRIVATE: no differential privacy (privacy.enabled = false)"
         ),
     }
-    if not channel.secure:
+    if not channel_secure:
         labels["warning"] = "INSECURE: models travel in clear (crypto.channel = none)"
     return labels
+
+
+def federation_labels_from_config(cfg: RunConfig, plan: FederationPlan, peer_done: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`federation_labels` from what a peer process reported when it finished."""
+    return federation_labels(
+        cfg,
+        plan,
+        channel_name=str(peer_done["channel"]),
+        channel_secure=bool(peer_done["channel_secure"]),
+        channel_description=str(peer_done["channel_description"]),
+        private=bool(peer_done["private"]),
+        rng_label=peer_done.get("rng_label"),
+    )
 
 
 def build_federation(
@@ -268,6 +299,8 @@ def build_federation(
     step of training.  Ledgers go to ``ledger_dir`` (``peer_<id>.json``), or with
     ``state_root`` to each peer's lifetime ledger ``state_root/peer_XXX/peer_<id>.json``."""
     plan = plan_federation(cfg)
+    assert plan.dataset is not None and plan.split is not None
+    dataset, split = plan.dataset, plan.split
     f = cfg.federation
     endpoints = len(plan.directory.archs)
     channel, channel_description = build_channel(cfg.crypto, federation_id=f.id, num_peers=endpoints)
@@ -289,22 +322,34 @@ def build_federation(
     )
     trainer = nodes[0].trainer
     private = isinstance(trainer, DPTrainer)
-    labels = federation_labels(cfg, plan, channel, channel_description, private, trainer.rng_label if private else None)
+    labels = federation_labels(
+        cfg,
+        plan,
+        channel_name=channel.name,
+        channel_secure=channel.secure,
+        channel_description=channel_description,
+        private=private,
+        rng_label=trainer.rng_label if private else None,
+    )
     return Federation(
         cfg=cfg, nodes=nodes, directory=plan.directory, strategy=plan.strategy, hub=hub,
-        labels=labels, dataset=plan.dataset, split=plan.split,
+        labels=labels, dataset=dataset, split=split,
     )
 
 
-def _summary(fed: Federation, records: list[dict[str, Any]], run_dir: Path, seconds: float) -> dict[str, Any]:
+def run_summary(
+    cfg: RunConfig, labels: Mapping[str, Any], records: Sequence[Mapping[str, Any]], run_dir: Path, seconds: float,
+    rejected_messages: int,
+) -> dict[str, Any]:
+    """``summary.json`` of a run (simulated or launched) from its metrics records."""
     last = records[-1]
     n = len(records)
     return {
-        "algorithm": fed.cfg.federation.algorithm,
-        "federation": fed.cfg.federation.id,
+        "algorithm": cfg.federation.algorithm,
+        "federation": cfg.federation.id,
         "rounds": n,
         "run_dir": str(run_dir),
-        **fed.labels,
+        **labels,
         "mean_global_acc": last["mean_global_acc"],
         "mean_local_acc": last["mean_local_acc"],
         "mean_peak_global_acc": last["mean_peak_global_acc"],
@@ -315,40 +360,47 @@ def _summary(fed: Federation, records: list[dict[str, Any]], run_dir: Path, seco
         "compute_seconds_per_round": sum(r["compute_seconds"] for r in records) / n,
         "crypto_seconds_per_round": sum(r["crypto_seconds"] for r in records) / n,
         "bytes_per_round": sum(r["bytes"] for r in records) / n,
-        "rejected_messages": fed.rejected_messages,
+        "rejected_messages": rejected_messages,
         "wall_seconds": seconds,
         "peers": {pid: dict(entry) for pid, entry in last["peers"].items()},
     }
 
 
-def _save_models(fed: Federation, models_dir: Path) -> None:
+def save_models(p: PeerState, models_dir: Path) -> None:
+    """A peer's final (and peak) model in the run-directory layout."""
     models_dir.mkdir(parents=True, exist_ok=True)
-    for p in fed.peers:
-        meta = {"arch": p.arch, "peer": str(p.peer_id)}
-        state = {k: v.contiguous() for k, v in p.model.state_dict().items()}
-        save_file(state, str(models_dir / f"peer_{p.peer_id:03d}_final.safetensors"), metadata=meta)
-        if p.peak_state is not None:
-            save_file(
-                {k: v.contiguous() for k, v in p.peak_state.items()},
-                str(models_dir / f"peer_{p.peer_id:03d}_peak.safetensors"),
-                metadata={**meta, "round": str(p.peak_round)},
-            )
+    meta = {"arch": p.arch, "peer": str(p.peer_id)}
+    state = {k: v.contiguous() for k, v in p.model.state_dict().items()}
+    save_file(state, str(models_dir / f"peer_{p.peer_id:03d}_final.safetensors"), metadata=meta)
+    if p.peak_state is not None:
+        save_file(
+            {k: v.contiguous() for k, v in p.peak_state.items()},
+            str(models_dir / f"peer_{p.peer_id:03d}_peak.safetensors"),
+            metadata={**meta, "round": str(p.peak_round)},
+        )
 
 
-def _save_views(fed: Federation, views_dir: Path) -> None:
-    """Models as a curious aggregator received them and as senders got them back
-    (the latest of each, over every node's own views)."""
-    latest: dict[tuple[str, int], tuple[int, dict[str, torch.Tensor]]] = {}
-    for node in fed.nodes:
-        for key, (round_index, state) in node.views.items():
+Views = Mapping[tuple[str, int], tuple[int, Mapping[str, torch.Tensor]]]
+
+
+def latest_views(views: Sequence[Views]) -> dict[tuple[str, int], tuple[int, Mapping[str, torch.Tensor]]]:
+    """The latest model of each (view, peer) over several nodes' own views."""
+    latest: dict[tuple[str, int], tuple[int, Mapping[str, torch.Tensor]]] = {}
+    for own in views:
+        for key, (round_index, state) in own.items():
             if key not in latest or round_index > latest[key][0]:
                 latest[key] = (round_index, state)
-    for (view, peer), (_round, state) in sorted(latest.items()):
+    return latest
+
+
+def save_views(views: Views, archs: Sequence[str], views_dir: Path) -> None:
+    """Models as a curious aggregator received them and as senders got them back."""
+    for (view, peer), (round_index, state) in sorted(views.items()):
         (views_dir / view).mkdir(parents=True, exist_ok=True)
         save_file(
             {k: v.contiguous() for k, v in state.items()},
             str(views_dir / view / f"peer_{peer:03d}.safetensors"),
-            metadata={"arch": fed.directory.archs[peer], "peer": str(peer), "view": view},
+            metadata={"arch": archs[peer], "peer": str(peer), "view": view, "round": str(round_index)},
         )
 
 
@@ -403,6 +455,17 @@ def _archive_ledgers(ledgers: Path, archive_root: Path, why: str) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ledgers, dest)
     logger.warning("the privacy ledgers of the %s run are kept in %s", why, dest)
+
+
+def interrupted_config(run_dir: str | Path) -> Path:
+    """The config an interrupted run (or launch) into ``run_dir`` started with."""
+    path = Path(run_dir).with_name(Path(run_dir).name + ".partial") / "config.toml"
+    if not path.is_file():
+        raise RunDirectoryError(
+            f"nothing to resume in {run_dir}: no interrupted run ({path.parent} holds no config.toml); "
+            "a finished run needs no resume, and a new one is started with --out"
+        )
+    return path
 
 
 def run_federation(
@@ -480,9 +543,10 @@ def run_federation(
                 _checkpoint_all(fed, partial / "checkpoints")
                 if on_round is not None:
                     on_round(record)
-        summary = _summary(fed, records, run_dir, time.perf_counter() - t0)
-        _save_models(fed, partial / "models")
-        _save_views(fed, partial / "views")
+        summary = run_summary(cfg, fed.labels, records, run_dir, time.perf_counter() - t0, fed.rejected_messages)
+        for peer in fed.peers:
+            save_models(peer, partial / "models")
+        save_views(latest_views([n.views for n in fed.nodes]), fed.directory.archs, partial / "views")
         if state_root is not None:  # the run directory carries a copy of the lifetime ledgers
             for node in fed.nodes:
                 src = ledger_path(peer_state_dir(state_root, node.peer_id), node.peer_id)

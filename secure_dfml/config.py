@@ -8,6 +8,7 @@ allowed values, so a bad config fails before any training starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import math
 import tomllib
 import types
@@ -276,6 +277,33 @@ class CryptoConfig:
         )
 
 
+_TCP_RE = re.compile(r"tcp://[A-Za-z0-9.\-]+:\d{1,5}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetworkConfig:
+    """Where real peers listen (``secure-dfml peer`` / ``launch``): one
+    ``tcp://HOST:PORT`` per peer id, in order (and one more for the virtual
+    server of ``fedavg-central``).  Empty: ``launch`` assigns free loopback ports."""
+
+    addresses: tuple[str, ...] = ()
+
+    def validate(self, path: str) -> None:
+        for i, addr in enumerate(self.addresses):
+            _require(
+                bool(_TCP_RE.fullmatch(addr)) and 0 < int(addr.rsplit(":", 1)[1]) < 65536,
+                f"{path}.addresses[{i}]",
+                addr,
+                'an address "tcp://HOST:PORT" with a port in 1..65535',
+            )
+        _require(
+            len(set(self.addresses)) == len(self.addresses),
+            f"{path}.addresses",
+            list(self.addresses),
+            "one distinct address per peer",
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """A whole federation run."""
@@ -286,6 +314,7 @@ class RunConfig:
     dfml: DFMLConfig = field(default_factory=DFMLConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     crypto: CryptoConfig = field(default_factory=CryptoConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -8,6 +8,7 @@ import typer
 
 from secure_dfml.cli import budget, keys
 from secure_dfml.cli.audit import audit
+from secure_dfml.cli.peer import launch, peer
 from secure_dfml.cli.run import run
 from secure_dfml.cli.tune import tune
 
@@ -25,6 +26,8 @@ app = typer.Typer(
 app.command("run")(run)
 app.command("audit")(audit)
 app.command("tune")(tune)
+app.command("peer")(peer)
+app.command("launch")(launch)
 app.add_typer(keys.app, name="keys", help="Create and inspect per-peer signing and box keys.")
 app.add_typer(budget.app, name="budget", help="Plan privacy budgets and inspect ledgers.")
 

@@ -10,9 +10,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from secure_dfml import interrupted_config, run_federation
 from secure_dfml._jsonutil import pct
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
-from secure_dfml.config import ALGORITHMS, RunConfig, default_config, load_config
+from secure_dfml.config import ALGORITHMS, RunConfig, config_from_dict, default_config, load_config
 from secure_dfml.privacy import atomic_write_bytes
 
 
@@ -73,8 +74,6 @@ def print_summary(summary: dict[str, Any]) -> None:
 def add_non_private_baseline(cfg: RunConfig, summary: dict[str, Any], on_round: Any) -> dict[str, Any]:
     """Train the same federation (same seed, split and models) without DP inside the
     run directory and record the accuracy cost of privacy in summary.json."""
-    from secure_dfml._run import run_federation
-
     run_dir = Path(summary["run_dir"])
     twin = run_federation(
         cfg.replace(privacy={"enabled": False}), run_dir / "non-private-twin", overwrite=True, on_round=on_round
@@ -106,15 +105,23 @@ def run(
             "(default: on for the built-in federation, off with --config).",
         ),
     ] = None,
+    resume: Annotated[
+        Optional[Path], typer.Option("--resume", help="Continue the interrupted run in this run directory.")
+    ] = None,
+    state: Annotated[
+        Optional[Path],
+        typer.Option("--state", help="Keep each peer's lifetime ledger in DIR/peer_XXX (default: per-run ledgers)."),
+    ] = None,
     format: Annotated[OutputFormat, typer.Option("--format", help="table or json (the summary).")] = OutputFormat.table,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log protocol events.")] = False,
 ) -> None:
     """Train a federation (DFML or a baseline) and write a run directory."""
-    from secure_dfml import config_from_dict
-    from secure_dfml._run import run_federation
-
     setup_logging(verbose)
-    cfg = load_config(config) if config is not None else default_config()
+    if resume is not None:
+        cfg = load_config(interrupted_config(resume))
+        out = resume
+    else:
+        cfg = load_config(config) if config is not None else default_config()
     overrides: dict[str, Any] = {}
     if algorithm is not None:
         overrides["algorithm"] = algorithm
@@ -125,26 +132,38 @@ def run(
         raw["federation"].update(overrides)
         cfg = config_from_dict(raw)
     total = cfg.federation.rounds
+    plain = not console.is_terminal  # CI, logs, nohup: one plain line per round instead of a live bar
     with Progress(
         TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(), console=console, disable=format is OutputFormat.json, transient=False,
+        TimeElapsedColumn(), console=console, disable=format is OutputFormat.json or plain, transient=False,
     ) as progress:
-        task = progress.add_task("rounds", total=total, status="building federation")
+        task: list[Any] = []  # created with the first finished round: nothing is shown before a config error
 
         def on_round(record: dict[str, Any]) -> None:
             status = f"global {pct(record['mean_global_acc'])}% local {pct(record['mean_local_acc'])}%"
             eps = [p["epsilon_spent"] for p in record["peers"].values() if "epsilon_spent" in p]
             if eps:
                 status += f" | eps spent max {max(eps):.2f}"
-            progress.update(task, advance=1, status=status)
+            if plain and format is not OutputFormat.json:
+                console.print(f"round {record['round'] + 1}/{total}: {status} ({record['seconds']:.1f} s)", highlight=False)
+                return
+            if not task:
+                task.append(progress.add_task("rounds", total=total, status=""))
+                progress.update(task[0], completed=record["round"])
+            progress.update(task[0], advance=1, status=status)
 
-        summary = run_federation(cfg, out, overwrite=overwrite, on_round=on_round)
+        summary = run_federation(
+            cfg, out, overwrite=overwrite, on_round=on_round, resume=resume is not None, state_root=state
+        )
         if compare_non_private is None:
-            compare_non_private = config is None
+            compare_non_private = config is None and resume is None
         if compare_non_private and cfg.privacy.enabled:
-            progress.update(task, completed=0, status="non-private twin (same seed) for the cost of privacy")
+            if task:
+                progress.update(task[0], completed=0, status="non-private twin (same seed) for the cost of privacy")
             summary = add_non_private_baseline(cfg, summary, on_round)
     if format is OutputFormat.json:
         print_json(summary)
     else:
         print_summary(summary)
+        if summary.get("ledger_scope"):
+            console.print(f"ledgers: {summary['ledger_scope']}", highlight=False, markup=False)

@@ -67,6 +67,16 @@ RESEARCH_GRADE_LABEL = "research-grade (seeded RNG: reproducible, NOT for deploy
 SECURE_LABEL = "secure (noise and sampling from the OS CSPRNG; seeds refused)"
 
 
+_warned: list[bool] = []
+
+
+def _warn_research_grade_once() -> None:
+    """One warning per process, however many peer nodes (each with its trainer) it runs."""
+    if not _warned:
+        _warned.append(True)
+        logger.warning("differential privacy runs in %s mode", RESEARCH_GRADE_LABEL)
+
+
 class DPTrainer:
     """DP-SGD in every phase that reads private data, with a per-peer ledger and hard budget gate."""
 
@@ -160,7 +170,7 @@ class DPTrainer:
         self._priors: dict[int, torch.Tensor] = {}
         self._last_mode: dict[int, str] = {}
         if not self.secure_mode:
-            logger.warning("differential privacy runs in %s mode", RESEARCH_GRADE_LABEL)
+            _warn_research_grade_once()
         for pid, plan in self._plans.items():
             logger.info(
                 "peer %d: target epsilon %s at delta %.3g, noise multiplier %s (%s), q = %.4g",

@@ -1,0 +1,1 @@
+"""Orchestration: drivers above the protocol -- one real peer process, and the local launcher of all of them."""
