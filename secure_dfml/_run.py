@@ -30,7 +30,7 @@ from secure_dfml.protocol._train import PlainTrainer
 from secure_dfml.protocol.node import PeerNode, PublicDirectory, merge_round, run_round_simulated
 from secure_dfml.protocol.strategies import Strategy, build_strategy
 from secure_dfml.report.plots import plot_accuracy
-from secure_dfml.transport import Endpoint, InMemoryTransport
+from secure_dfml.transport import CaptureTap, Endpoint, InMemoryTransport
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +293,7 @@ def build_federation(
     peer_data_hook: PeerDataHook | None = None,
     run_id: str = "",
     state_root: str | Path | None = None,
+    capture_dir: Path | None = None,
 ) -> Federation:
     """Load data, partition it, and build one node per peer over an in-memory
     transport.  Raises a clear error for any inconsistency before a single
@@ -304,7 +305,7 @@ def build_federation(
     f = cfg.federation
     endpoints = len(plan.directory.archs)
     channel, channel_description = build_channel(cfg.crypto, federation_id=f.id, num_peers=endpoints)
-    hub = InMemoryTransport()
+    hub = InMemoryTransport(tap=None if capture_dir is None else CaptureTap(capture_dir))
     states = [plan.peer_state(i, peer_data_hook if i < f.peers else None) for i in range(endpoints)]
     if peer_data_hook is not None:  # the hook may change a peer's size: declare what it trains on
         sizes = tuple(s.num_train for s in states)
@@ -523,7 +524,9 @@ def run_federation(
             (partial / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")
             atomic_write_bytes(partial / "run.json", json.dumps(run_meta, indent=2).encode("utf-8"))
         run_id = run_meta["run_id"]
-        fed = build_federation(cfg, ledger_dir=partial / "ledgers", run_id=run_id, state_root=state_root)
+        fed = build_federation(
+            cfg, ledger_dir=partial / "ledgers", run_id=run_id, state_root=state_root, capture_dir=partial / "capture"
+        )
         fed.labels["ledger_scope"] = RESEARCH_LEDGERS if state_root is None else LIFETIME_LEDGERS.format(state_root)
         fed.labels["run_id"] = run_id
         start = _restore_all(fed, partial / "checkpoints") if resume else 0

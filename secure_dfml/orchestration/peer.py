@@ -43,7 +43,7 @@ from secure_dfml.crypto import NaClChannel, PlainChannel, load_keys
 from secure_dfml.errors import ConfigError
 from secure_dfml.privacy import atomic_write_bytes
 from secure_dfml.protocol.node import PeerNode
-from secure_dfml.transport import Message, ZmqEndpoint
+from secure_dfml.transport import CaptureTap, ZmqEndpoint
 
 logger = logging.getLogger(__name__)
 
@@ -73,20 +73,6 @@ def peer_addresses(cfg: RunConfig, plan: FederationPlan) -> list[str]:
             + '; give one "tcp://HOST:PORT" per peer id, or use `secure-dfml launch`, which assigns loopback ports'
         )
     return addrs
-
-
-class _Capture:
-    """Transport tap: every envelope this peer sends, as the wire carries it."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, direction: str, m: Message) -> None:
-        if direction != "sent":
-            return
-        name = f"r{m.round_index:05d}_{m.sender:03d}_{m.recipient:03d}_{m.kind}_{uuid.uuid4().hex[:8]}.env"
-        (self.root / name).write_bytes(m.data)
 
 
 def _peer_channel(cfg: RunConfig, peer_id: int, keys_dir: Path | None, passphrase: str | None) -> tuple[Any, str]:
@@ -163,7 +149,7 @@ def run_peer(
             bind=addresses[peer_id],
             peers={j: a for j, a in enumerate(addresses) if j != peer_id},
             max_message_bytes=cfg.crypto.max_message_bytes,
-            tap=_Capture(state_dir / "capture"),
+            tap=CaptureTap(state_dir / "capture"),
         )
         try:
             node = build_node(plan, state, channel=channel, endpoint=endpoint, ledger_dir=state_dir, run_id=rid)

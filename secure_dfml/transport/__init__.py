@@ -1,10 +1,13 @@
 """Transports: the only way peers exchange bytes."""
 
 from secure_dfml.transport._base import Endpoint, Message
+from secure_dfml.transport._capture import CapturedMessage, CaptureTap, read_capture
 from secure_dfml.transport._memory import InMemoryEndpoint, InMemoryTransport
 from secure_dfml.transport._zmq import WIRE_MAGIC, ZmqEndpoint, free_tcp_addresses
 
 __all__ = [
+    "CaptureTap",
+    "CapturedMessage",
     "Endpoint",
     "InMemoryEndpoint",
     "InMemoryTransport",
@@ -12,4 +15,5 @@ __all__ = [
     "WIRE_MAGIC",
     "ZmqEndpoint",
     "free_tcp_addresses",
+    "read_capture",
 ]
