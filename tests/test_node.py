@@ -133,3 +133,26 @@ def test_a_lost_return_leaves_the_sender_with_its_pre_round_model():
     drive(sender, program, lambda req: [])
     assert all(torch.equal(before[k], v) for k, v in sender.model.state_dict().items())
     assert sender.log.adopted == []
+
+
+def test_a_forged_message_never_stands_in_for_the_real_one():
+    """Garbage claiming to be from the sender arrives first; the node rejects it
+    and keeps waiting (same deadline) for the real model, which it then accepts."""
+    fed = build_federation(cfg_with())
+    agg, good = fed.nodes[0], fed.nodes[1]
+    agg.begin_round(0)
+    good.begin_round(0)
+    good.send_state(0, "model", good.model.state_dict())
+    real = fed.hub.endpoint(0).receive(round_index=0, kind="model", senders=[1], timeout=0)
+    forged = Message(1, 0, 0, "model", b"\x01" * 200)
+    answers = iter([[forged], real])
+    requests = []
+
+    def respond(req):
+        requests.append(req)
+        return next(answers, [])
+
+    program = agg.receive_states("model", [1], 5.0, lambda s: fed.directory.schemas[s])
+    got = drive(agg, program, respond)
+    assert set(got) == {1} and agg.rejected_messages == 1
+    assert [r.resume for r in requests] == [False, True]  # the second wait keeps the first deadline

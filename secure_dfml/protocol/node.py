@@ -80,11 +80,13 @@ def safe_open_metadata(data: bytes) -> dict[str, str]:
 @dataclass(frozen=True)
 class Recv:
     """A role program's request: messages of ``kind`` from ``senders`` this round,
-    waiting at most ``timeout`` seconds."""
+    waiting at most ``timeout`` seconds -- or, with ``resume``, until the
+    deadline of the program's previous request (after it rejected what came)."""
 
     kind: str
     senders: tuple[int, ...]
     timeout: float
+    resume: bool = False
 
 
 Program = Generator[Recv, list[Message], None]
@@ -282,30 +284,37 @@ class PeerNode:
         schema check).  Returns ``{sender: accepted value}`` in ``senders`` order.
         Anything unexpected, unauthenticated or malformed is rejected, logged and
         changes no state."""
-        if not senders:
-            return {}
-        messages = yield Recv(kind, tuple(senders), timeout)
         got: dict[int, Any] = {}
-        for m in messages:
-            if m.sender not in senders or m.sender in got:
-                self._reject(m, "unexpected or duplicate message")
-                continue
-            t0 = time.perf_counter()
-            try:
-                got[m.sender] = self.channel.open_with(
-                    m.data,
-                    lambda payload, s=m.sender: accept(s, payload),
-                    sender=m.sender,
-                    recipient=self.peer_id,
-                    round_index=self.round_index,
-                    kind=kind,
-                )
-            except SecureDFMLError as exc:
-                self._reject(m, str(exc))
-            finally:
-                with self._lock:
-                    self.log.crypto_seconds += time.perf_counter() - t0
-        missing = [s for s in senders if s not in got]
+        pending = list(senders)
+        resume = False
+        while pending:
+            # a forged or malformed message never stands in for the real one: after
+            # rejecting it, keep waiting for the rest until the same deadline
+            messages = yield Recv(kind, tuple(pending), timeout, resume)
+            resume = True
+            if not messages:
+                break  # the deadline passed
+            for m in messages:
+                if m.sender not in pending or m.sender in got:
+                    self._reject(m, "unexpected or duplicate message")
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    got[m.sender] = self.channel.open_with(
+                        m.data,
+                        lambda payload, s=m.sender: accept(s, payload),
+                        sender=m.sender,
+                        recipient=self.peer_id,
+                        round_index=self.round_index,
+                        kind=kind,
+                    )
+                except SecureDFMLError as exc:
+                    self._reject(m, str(exc))
+                finally:
+                    with self._lock:
+                        self.log.crypto_seconds += time.perf_counter() - t0
+            pending = [s for s in senders if s not in got]
+        missing = pending
         if missing:
             logger.info("round %d: peer %d: %s from %s did not arrive in time; continuing without",
                         self.round_index, self.peer_id, kind, missing)
@@ -483,7 +492,7 @@ class PeerNode:
 
             def drive(prog: Program) -> None:
                 try:
-                    self._drive(prog, t)
+                    self._drive(prog, t, slice_seconds=0.05)
                 except BaseException as exc:  # noqa: BLE001 - re-raised below
                     errors.append(exc)
 
@@ -499,13 +508,25 @@ class PeerNode:
         report["seconds"] = seconds
         return report
 
-    def _drive(self, program: Program, t: int) -> None:
+    def _drive(self, program: Program, t: int, *, slice_seconds: float | None = None) -> None:
+        """Answer ``program``'s requests with blocking, bounded receives.  With
+        ``slice_seconds`` each wait is cut into slices, so that role programs on
+        other threads of this node get the endpoint in between."""
         try:
             request = next(program)
+            deadline = 0.0
             while True:
-                messages = self.endpoint.receive(
-                    round_index=t, kind=request.kind, senders=request.senders, timeout=request.timeout
-                )
+                if not request.resume:
+                    deadline = time.monotonic() + request.timeout
+                messages: list[Message] = []
+                while True:
+                    left = max(0.0, deadline - time.monotonic())
+                    wait = left if slice_seconds is None else min(left, slice_seconds)
+                    messages += self.endpoint.receive(
+                        round_index=t, kind=request.kind, senders=request.senders, timeout=wait
+                    )
+                    if {m.sender for m in messages} >= set(request.senders) or wait >= left:
+                        break
                 request = program.send(messages)
         except StopIteration:
             return
@@ -533,7 +554,9 @@ def run_round_simulated(
             req = next(task[2]) if messages is None else task[2].send(messages)
         except StopIteration:
             return False
-        task[3], task[4] = req, clock + req.timeout
+        task[3] = req
+        if not req.resume:
+            task[4] = clock + req.timeout
         return True
 
     for n in nodes:
