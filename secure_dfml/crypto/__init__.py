@@ -27,6 +27,8 @@ from secure_dfml.crypto._channel import (
     open_state,
     seal_state,
 )
+# TenSEAL itself is imported by _ckks only when CKKS is first used.
+from secure_dfml.crypto._ckks import CKKSAverager, CKKSParams, CKKSRoles, SecureSum
 from secure_dfml.crypto._envelope import (
     HEADER_BYTES,
     MAGIC,
@@ -82,16 +84,6 @@ from secure_dfml.crypto.codec import TensorSpec, decode_state, encode_state, sch
 
 if TYPE_CHECKING:
     from secure_dfml.config import CryptoConfig
-    from secure_dfml.crypto._ckks import CKKSAverager, CKKSParams, CKKSRoles
-
-
-def __getattr__(name: str) -> object:
-    # CKKS pulls in TenSEAL (slow import); load it on first use only.
-    if name in ("CKKSAverager", "CKKSParams", "CKKSRoles"):
-        from secure_dfml.crypto import _ckks
-
-        return getattr(_ckks, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_secure_averager(cfg: CryptoConfig) -> CKKSAverager | None:
@@ -100,8 +92,6 @@ def build_secure_averager(cfg: CryptoConfig) -> CKKSAverager | None:
     if cfg.secure_aggregation == "none":
         return None
     if cfg.secure_aggregation == "ckks":
-        from secure_dfml.crypto._ckks import CKKSAverager
-
         return CKKSAverager()
     raise SecureAggregationError(f"crypto.secure_aggregation = {cfg.secure_aggregation!r}: expected 'none' or 'ckks'")
 
@@ -111,8 +101,6 @@ def build_ckks_roles(cfg: CryptoConfig) -> CKKSRoles | None:
     (``None`` for ``"none"``)."""
     if build_secure_averager(cfg) is None:
         return None
-    from secure_dfml.crypto._ckks import CKKSRoles
-
     return CKKSRoles()
 
 
@@ -126,6 +114,7 @@ __all__ = [
     "BadSignatureError",
     "CKKSAverager",
     "CKKSParams",
+    "CKKSRoles",
     "ChannelStats",
     "CiphertextError",
     "ContributionMismatchError",
@@ -150,6 +139,7 @@ __all__ = [
     "ReplayCache",
     "ReplayError",
     "SecureAggregationError",
+    "SecureSum",
     "StaleMessageError",
     "TensorSpec",
     "UnknownPeerError",

@@ -55,9 +55,8 @@ from secure_dfml.crypto._errors import (
     NotEnoughContributorsError,
     SecureAggregationError,
 )
-from secure_dfml.protocol._interfaces import SecureSum
 
-__all__ = ["CKKSAverager", "CKKSParams", "CKKSRoles"]
+__all__ = ["CKKSAverager", "CKKSParams", "CKKSRoles", "SecureSum"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +120,19 @@ class CKKSParams:
     def max_ciphertext_bytes(self) -> int:
         """Upper bound accepted for one serialized ciphertext (checked before parsing)."""
         return 2 * self.poly_modulus_degree * 8 * (len(self.coeff_mod_bit_sizes) - 1) + 64 * 1024
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """Result of a secure weighted sum: only the sum is ever decrypted.
+
+    Defined here, beside the averager that produces it, so that the crypto
+    package never imports the protocol it plugs into."""
+
+    state_sum: dict[str, torch.Tensor]
+    weight_sum: float
+    bytes_moved: int
+    crypto_seconds: float
 
 
 class _FlatView:
