@@ -1,11 +1,11 @@
-"""Build a federation from a config, run it on the engine, write the run directory."""
+"""Build a federation from a config, run it (the simulation of every peer node), write the run directory
+(its layout, writers and readers: :mod:`secure_dfml.rundir`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 import uuid
@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from secure_dfml._fsutil import current_generation, exclusive, fresh_dir, stamp, swap_dir_atomically, swap_into_place
-from secure_dfml.config import RunConfig, dump_toml, load_config
+from secure_dfml.config import RunConfig, load_config
 from secure_dfml.crypto import build_channel, build_ckks_roles, schema_of
 from secure_dfml.data import ArrayDataset, FederatedSplit, load_dataset, split_from_config
 from secure_dfml.errors import ConfigError, RunDirectoryError
@@ -30,6 +29,26 @@ from secure_dfml.protocol._train import PlainTrainer
 from secure_dfml.protocol.node import PeerNode, PublicDirectory, merge_round, run_round_simulated
 from secure_dfml.protocol.strategies import Strategy, build_strategy
 from secure_dfml.report.plots import plot_accuracy
+from secure_dfml.rundir import (
+    CHECKPOINTS,
+    RUN_META,
+    append_metrics,
+    capture_dir,
+    config_file,
+    latest_views,
+    ledger_file,
+    ledgers_dir,
+    models_dir,
+    partial_dir,
+    plot_file,
+    read_metrics,
+    save_models,
+    save_views,
+    views_dir,
+    write_config,
+    write_metrics,
+    write_summary,
+)
 from secure_dfml.transport import CaptureTap, Endpoint, InMemoryTransport
 
 logger = logging.getLogger(__name__)
@@ -367,44 +386,6 @@ def run_summary(
     }
 
 
-def save_models(p: PeerState, models_dir: Path) -> None:
-    """A peer's final (and peak) model in the run-directory layout."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"arch": p.arch, "peer": str(p.peer_id)}
-    state = {k: v.contiguous() for k, v in p.model.state_dict().items()}
-    save_file(state, str(models_dir / f"peer_{p.peer_id:03d}_final.safetensors"), metadata=meta)
-    if p.peak_state is not None:
-        save_file(
-            {k: v.contiguous() for k, v in p.peak_state.items()},
-            str(models_dir / f"peer_{p.peer_id:03d}_peak.safetensors"),
-            metadata={**meta, "round": str(p.peak_round)},
-        )
-
-
-Views = Mapping[tuple[str, int], tuple[int, Mapping[str, torch.Tensor]]]
-
-
-def latest_views(views: Sequence[Views]) -> dict[tuple[str, int], tuple[int, Mapping[str, torch.Tensor]]]:
-    """The latest model of each (view, peer) over several nodes' own views."""
-    latest: dict[tuple[str, int], tuple[int, Mapping[str, torch.Tensor]]] = {}
-    for own in views:
-        for key, (round_index, state) in own.items():
-            if key not in latest or round_index > latest[key][0]:
-                latest[key] = (round_index, state)
-    return latest
-
-
-def save_views(views: Views, archs: Sequence[str], views_dir: Path) -> None:
-    """Models as a curious aggregator received them and as senders got them back."""
-    for (view, peer), (round_index, state) in sorted(views.items()):
-        (views_dir / view).mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.contiguous() for k, v in state.items()},
-            str(views_dir / view / f"peer_{peer:03d}.safetensors"),
-            metadata={"arch": archs[peer], "peer": str(peer), "view": view, "round": str(round_index)},
-        )
-
-
 def peer_state_dir(state_root: str | Path, peer_id: int) -> Path:
     """Peer ``peer_id``'s state directory under ``state_root`` (its lifetime ledger,
     checkpoints and reports)."""
@@ -460,7 +441,7 @@ def _archive_ledgers(ledgers: Path, archive_root: Path, why: str) -> None:
 
 def interrupted_config(run_dir: str | Path) -> Path:
     """The config an interrupted run (or launch) into ``run_dir`` started with."""
-    path = Path(run_dir).with_name(Path(run_dir).name + ".partial") / "config.toml"
+    path = config_file(partial_dir(run_dir))
     if not path.is_file():
         raise RunDirectoryError(
             f"nothing to resume in {run_dir}: no interrupted run ({path.parent} holds no config.toml); "
@@ -496,16 +477,16 @@ def run_federation(
     archives the replaced run's ledgers in ``<out>.ledger-archive/``.
     """
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
-    partial = run_dir.with_name(run_dir.name + ".partial")
+    partial = partial_dir(run_dir)
     with exclusive(run_dir.with_name(f".{run_dir.name}.lock"), f"run directory {run_dir}"):
         if resume:
-            if not (partial / "run.json").is_file():
+            if not (partial / RUN_META).is_file():
                 raise RunDirectoryError(
-                    f"nothing to resume in {run_dir}: no interrupted run ({partial} has no run.json); "
+                    f"nothing to resume in {run_dir}: no interrupted run ({partial} has no {RUN_META}); "
                     "start a new run instead"
                 )
-            run_meta = json.loads((partial / "run.json").read_text(encoding="utf-8"))
-            cfg = load_config(partial / "config.toml")
+            run_meta = json.loads((partial / RUN_META).read_text(encoding="utf-8"))
+            cfg = load_config(config_file(partial))
             state_root = run_meta.get("state_root")
         else:
             if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
@@ -521,47 +502,43 @@ def run_federation(
                 )
             fresh_dir(partial)
             run_meta = {"run_id": uuid.uuid4().hex, "state_root": None if state_root is None else str(state_root)}
-            (partial / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")
-            atomic_write_bytes(partial / "run.json", json.dumps(run_meta, indent=2).encode("utf-8"))
+            write_config(partial, cfg)
+            atomic_write_bytes(partial / RUN_META, json.dumps(run_meta, indent=2).encode("utf-8"))
         run_id = run_meta["run_id"]
         fed = build_federation(
-            cfg, ledger_dir=partial / "ledgers", run_id=run_id, state_root=state_root, capture_dir=partial / "capture"
+            cfg, ledger_dir=ledgers_dir(partial), run_id=run_id, state_root=state_root, capture_dir=capture_dir(partial)
         )
         fed.labels["ledger_scope"] = RESEARCH_LEDGERS if state_root is None else LIFETIME_LEDGERS.format(state_root)
         fed.labels["run_id"] = run_id
-        start = _restore_all(fed, partial / "checkpoints") if resume else 0
+        start = _restore_all(fed, partial / CHECKPOINTS) if resume else 0
         records: list[dict[str, Any]] = []
-        metrics = partial / "metrics.jsonl"
         if start:
-            records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()[:start]]
+            records = read_metrics(partial, limit=start)
             logger.warning("resuming %s after round %d of %d", run_dir, start, cfg.federation.rounds)
         t0 = time.perf_counter()
-        atomic_write_bytes(metrics, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
-        with open(metrics, "a", encoding="utf-8") as fh:
-            for record in fed.rounds(start):
-                records.append(record)
-                fh.write(json.dumps(record) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-                _checkpoint_all(fed, partial / "checkpoints")
-                if on_round is not None:
-                    on_round(record)
+        write_metrics(partial, records)
+        for record in fed.rounds(start):
+            records.append(record)
+            append_metrics(partial, record)
+            _checkpoint_all(fed, partial / CHECKPOINTS)
+            if on_round is not None:
+                on_round(record)
         summary = run_summary(cfg, fed.labels, records, run_dir, time.perf_counter() - t0, fed.rejected_messages)
         for peer in fed.peers:
-            save_models(peer, partial / "models")
-        save_views(latest_views([n.views for n in fed.nodes]), fed.directory.archs, partial / "views")
+            save_models(peer, models_dir(partial))
+        save_views(latest_views([n.views for n in fed.nodes]), fed.directory.archs, views_dir(partial))
         if state_root is not None:  # the run directory carries a copy of the lifetime ledgers
             for node in fed.nodes:
                 src = ledger_path(peer_state_dir(state_root, node.peer_id), node.peer_id)
                 if src.is_file():
-                    (partial / "ledgers").mkdir(exist_ok=True)
-                    shutil.copyfile(src, partial / "ledgers" / f"peer_{node.peer_id}.json")
-        (partial / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+                    ledgers_dir(partial).mkdir(exist_ok=True)
+                    shutil.copyfile(src, ledger_file(partial, node.peer_id))
+        write_summary(partial, summary)
         if plot:
-            plot_accuracy(records, partial / "accuracy.png", title=f"{cfg.federation.algorithm} on {summary['dataset']}")
-        shutil.rmtree(partial / "checkpoints", ignore_errors=True)
-        (partial / "run.json").unlink()
+            plot_accuracy(records, plot_file(partial), title=f"{cfg.federation.algorithm} on {summary['dataset']}")
+        shutil.rmtree(partial / CHECKPOINTS, ignore_errors=True)
+        (partial / RUN_META).unlink()
         if run_dir.exists() and state_root is None:
-            _archive_ledgers(run_dir / "ledgers", run_dir.with_name(run_dir.name + ".ledger-archive"), "overwritten")
+            _archive_ledgers(ledgers_dir(run_dir), run_dir.with_name(run_dir.name + ".ledger-archive"), "overwritten")
         swap_into_place(partial, run_dir)
     return summary

@@ -58,7 +58,29 @@ from secure_dfml.audit.report import Finding, finding, findings_list, html_table
 from secure_dfml.audit._runner import AuditResult, audit_model
 from secure_dfml.audit._threat_models import ThreatModel, load_threat_model
 from secure_dfml.audit._training import make_trainer, torch_generator
-from secure_dfml.errors import AuditError, SecureDFMLError
+from secure_dfml.errors import AuditError, RunDirectoryError, SecureDFMLError
+from secure_dfml.models import build_model
+from secure_dfml.privacy import PrivacyLedger
+from secure_dfml.rundir import (
+    METRICS,
+    MODELS,
+    VIEW_RECEIVED,
+    VIEW_RETURNED,
+    VIEWS,
+    audit_dir,
+    check_run_dir,
+    ledger_file,
+    ledgers_dir,
+    metrics_file,
+    model_file,
+    models_dir,
+    read_config,
+    read_metrics,
+    read_state,
+    read_summary,
+    view_file,
+    views_dir,
+)
 
 __all__ = [
     "ATTACK_ALIASES",
@@ -91,7 +113,7 @@ ATTACK_ALIASES: dict[str, tuple[str, str]] = {
     "rmia": ("rmia_offline", "rmia_online"),
 }
 
-_VIEW_DIRS = {"sender_models_as_received": "received", "returned_models": "returned"}
+_VIEW_DIRS = {"sender_models_as_received": VIEW_RECEIVED, "returned_models": VIEW_RETURNED}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -160,40 +182,11 @@ class _RunDir:
 
 
 def _load_run_dir(run_dir: str | Path) -> _RunDir:
-    from secure_dfml.config import load_config
-
-    path = Path(run_dir)
-    if path.is_file():
-        raise AuditError(
-            f"{path} is a file, not a run directory; pass the folder written by `secure-dfml run` "
-            "(the one holding config.toml)."
-        )
-    if not path.is_dir():
-        raise AuditError(f"run directory {path} does not exist; pass a folder written by `secure-dfml run`.")
-    if not (path / "config.toml").is_file():
-        raise AuditError(
-            f"{path} has no config.toml, so it is not a complete run directory "
-            "(a run writes config.toml, metrics.jsonl, summary.json, models/ and views/)."
-        )
     try:
-        cfg = load_config(path / "config.toml")
-    except SecureDFMLError as exc:
-        raise AuditError(f"{path}/config.toml cannot be loaded: {exc}") from exc
-    summary: Mapping[str, Any] | None = None
-    if (path / "summary.json").is_file():
-        try:
-            summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise AuditError(f"{path}/summary.json is unreadable: {exc}") from exc
-    records: list[Mapping[str, Any]] = []
-    if (path / "metrics.jsonl").is_file():
-        for n, line in enumerate((path / "metrics.jsonl").read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise AuditError(f"{path}/metrics.jsonl line {n} is not JSON: {exc}") from exc
-    return _RunDir(path, cfg, summary, tuple(records))
+        path = check_run_dir(run_dir)
+        return _RunDir(path, read_config(path), read_summary(path), tuple(read_metrics(path)))
+    except RunDirectoryError as exc:
+        raise AuditError(str(exc)) from exc
 
 
 def rebuild_federation(cfg: Any) -> Any:
@@ -240,19 +233,17 @@ class _LedgerInfo:
 def _ledgers(run: _RunDir, n_peers: int) -> tuple[dict[int, _LedgerInfo], list[Finding]]:
     """Ledger epsilon per peer (empty when the run is not private) and warnings
     about missing or unverifiable ledgers."""
-    from secure_dfml.privacy import PrivacyLedger, ledger_path
-
     notes: list[Finding] = []
     if not run.cfg.privacy.enabled:
         return {}, notes
-    led_dir = run.path / "ledgers"
+    led_dir = ledgers_dir(run.path)
     if not led_dir.is_dir():
         notes.append(finding("warning", f"privacy is enabled in the config but {led_dir} is missing: no ledger "
                                         "epsilon to compare with."))
         return {}, notes
     out: dict[int, _LedgerInfo] = {}
     for i in range(n_peers):
-        p = ledger_path(led_dir, i)
+        p = ledger_file(run.path, i)
         if not p.is_file():
             out[i] = _LedgerInfo(None, None, None, None, f"ledger file {p.name} is missing")
             notes.append(finding("warning", f"peer {i}: ledger file {p} is missing; its epsilon is unknown."))
@@ -351,13 +342,14 @@ def _select_targets(
     hist = _sender_history(run.records, n)
 
     if tm.view == "final_and_peak":
-        mdir = run.path / "models"
+        mdir = models_dir(run.path)
         if not mdir.is_dir():
-            raise AuditError(f"{run.path} has no models/ folder: the final-model view needs models/peer_XXX_final.safetensors")
+            raise AuditError(f"{run.path} has no {MODELS}/ folder: the final-model view needs "
+                             f"{MODELS}/peer_XXX_final.safetensors")
         no_peak: list[int] = []
         for i in sorted(wanted):
-            final = mdir / f"peer_{i:03d}_final.safetensors"
-            peak = mdir / f"peer_{i:03d}_peak.safetensors"
+            final = model_file(run.path, i, "final")
+            peak = model_file(run.path, i, "peak")
             if final.is_file():
                 targets.append(_Target(f"{i} final", i, final, "final", archs[i]))
             else:
@@ -375,10 +367,10 @@ def _select_targets(
 
     if tm.view not in _VIEW_DIRS:
         raise AuditError(f"view {tm.view!r} is not a model view")
-    vdir = run.path / "views" / _VIEW_DIRS[tm.view]
+    vdir = views_dir(run.path, _VIEW_DIRS[tm.view])
     if tm.view == "sender_models_as_received":
         for i in sorted(wanted):
-            f = vdir / f"peer_{i:03d}.safetensors"
+            f = view_file(run.path, VIEW_RECEIVED, i)
             if f.is_file():
                 t = _Target(f"{i} as received", i, f, "received", archs[i], via=i)
                 targets.append(t)
@@ -394,11 +386,11 @@ def _select_targets(
     else:  # returned_models
         if not run.records:
             raise AuditError(
-                f"{run.path}/metrics.jsonl is missing or empty: the curious-sender view needs it to know which "
+                f"{metrics_file(run.path)} is missing or empty: the curious-sender view needs it to know which "
                 "aggregator's data each returned model was trained on"
             )
         for s in range(n):
-            f = vdir / f"peer_{s:03d}.safetensors"
+            f = view_file(run.path, VIEW_RETURNED, s)
             a = hist[s]["last_returned_by"]
             if a is None:
                 if peers is None:
@@ -427,9 +419,9 @@ def _select_targets(
             reason = ("CKKS secure averaging protected every exchange: the aggregator only ever saw encrypted sums "
                       "of models, never an individual sender's model. There is nothing for this adversary to attack "
                       "-- the mitigation worked.")
-        elif not run.records and not (run.path / "views").exists():
+        elif not run.records and not views_dir(run.path).exists():
             raise AuditError(
-                f"{run.path} has no views/ folder and no metrics.jsonl: was it written by an older version or "
+                f"{run.path} has no {VIEWS}/ folder and no {METRICS}: was it written by an older version or "
                 "an interrupted run? Re-run it with `secure-dfml run`."
             )
         else:
@@ -441,17 +433,10 @@ def _select_targets(
 
 
 def _load_model(target: _Target, dataset: Any) -> torch.nn.Module:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    from secure_dfml.models import build_model
-
     try:
-        with safe_open(str(target.model_path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        state = load_file(str(target.model_path))
-    except (OSError, SafetensorError, ValueError) as exc:
-        raise AuditError(f"cannot read model file {target.model_path}: {exc}") from exc
+        state, meta = read_state(target.model_path)
+    except RunDirectoryError as exc:
+        raise AuditError(str(exc)) from exc
     arch = meta.get("arch", target.arch)
     if arch != target.arch:
         raise AuditError(
@@ -511,7 +496,7 @@ def audit_run_dir(
     """
     tm = load_threat_model(threat_model)
     run = _load_run_dir(run_dir)
-    out_dir = run.path / "audit" / tm.name
+    out_dir = audit_dir(run.path, tm.name)
     if tm.view == "envelopes":
         from secure_dfml.audit._eavesdropper import analyse_envelopes
 
@@ -586,8 +571,6 @@ def audit_run_dir(
     }
 
     def factory_for(arch: str) -> Callable[[np.random.Generator], torch.nn.Module]:
-        from secure_dfml.models import build_model
-
         def make(g: np.random.Generator) -> torch.nn.Module:
             return build_model(arch, input_shape=ds.input_shape, num_classes=ds.num_classes, kind=ds.kind,
                                generator=torch_generator(g))

@@ -14,6 +14,7 @@ from secure_dfml.cli._common import OutputFormat, console, friendly_errors, prin
 from secure_dfml.config import RunConfig, load_config
 from secure_dfml.errors import RunDirectoryError
 from secure_dfml.privacy import PeerPlan, load_ledgers, plan_budgets
+from secure_dfml.rundir import ledgers_dir
 
 app = typer.Typer(
     name="budget",
@@ -112,11 +113,11 @@ def _plan_table(cfg: RunConfig, plans: list[PeerPlan]) -> Table:
 def _ledger_dir(run_dir: Path) -> Path:
     if not run_dir.exists():
         raise RunDirectoryError(f"run directory {run_dir} does not exist.")
-    for candidate in (run_dir / "ledgers", run_dir):
+    for candidate in (ledgers_dir(run_dir), run_dir):
         if candidate.is_dir() and any(candidate.glob("peer_*.json")):
             return candidate
     raise RunDirectoryError(
-        f"{run_dir} holds no privacy ledgers (expected {run_dir / 'ledgers'}/peer_<id>.json); "
+        f"{run_dir} holds no privacy ledgers (expected {ledgers_dir(run_dir)}/peer_<id>.json); "
         "was the run made with privacy.enabled = true?"
     )
 

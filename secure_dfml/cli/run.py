@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -14,7 +13,7 @@ from secure_dfml import interrupted_config, run_federation
 from secure_dfml._jsonutil import pct
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
 from secure_dfml.config import ALGORITHMS, RunConfig, config_from_dict, default_config, load_config
-from secure_dfml.privacy import atomic_write_bytes
+from secure_dfml.rundir import write_summary
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -86,7 +85,7 @@ def add_non_private_baseline(cfg: RunConfig, summary: dict[str, Any], on_round: 
         "seconds_per_round": twin["seconds_per_round"],
     }
     summary["privacy_cost_global_acc"] = twin["mean_global_acc"] - summary["mean_global_acc"]
-    atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode("utf-8"))
+    write_summary(run_dir, summary)
     return summary
 
 

@@ -31,12 +31,10 @@ from typing import Any
 from secure_dfml._fsutil import exclusive, fresh_dir, stamp, swap_into_place
 from secure_dfml._run import (
     default_run_dir,
-    latest_views,
     merge_round,
     peer_state_dir,
     plan_federation,
     run_summary,
-    save_views,
     federation_labels_from_config,
 )
 from secure_dfml.config import RunConfig, dump_toml, load_config
@@ -45,6 +43,7 @@ from secure_dfml.errors import RunDirectoryError, TransportError
 from secure_dfml.orchestration.peer import DONE, REPORTS, read_views
 from secure_dfml.privacy import atomic_write_bytes, ledger_path
 from secure_dfml.report.plots import plot_accuracy
+from secure_dfml.rundir import latest_views, save_views
 from secure_dfml.transport import free_tcp_addresses
 
 logger = logging.getLogger(__name__)

@@ -37,12 +37,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from secure_dfml._fsutil import exclusive
-from secure_dfml._run import FederationPlan, build_node, plan_federation, save_models, save_views
+from secure_dfml._run import FederationPlan, build_node, plan_federation
 from secure_dfml.config import RunConfig, dump_toml
 from secure_dfml.crypto import NaClChannel, PlainChannel, load_keys
 from secure_dfml.errors import ConfigError
 from secure_dfml.privacy import atomic_write_bytes
 from secure_dfml.protocol.node import PeerNode
+from secure_dfml.rundir import save_models, save_views
 from secure_dfml.transport import CaptureTap, ZmqEndpoint
 
 logger = logging.getLogger(__name__)
