@@ -210,3 +210,69 @@ def test_uncapped_ledger_records_everything() -> None:
     led = PrivacyLedger(peer_id=0, target_epsilon=None, delta=1e-5)
     led.record(round_index=0, phase="local", mechanism=Mechanism(0.5, 1.0, 100))
     assert led.spent_epsilon > 50 and led.status == "active"
+
+
+def _chained_ledger(tmp_path: Path, peer_id: int = 3) -> Path:
+    path = ledger_path(tmp_path, peer_id)
+    led = PrivacyLedger(peer_id=peer_id, target_epsilon=8.0, delta=1e-5, accountant="rdp", path=path)
+    led.run_id = "run-a"
+    for r in range(3):
+        led.record(round_index=r, phase="mutual", mechanism=Mechanism(1.2, 0.05, 20))
+    return path
+
+
+FIELDS = ["round", "phase", "noise_multiplier", "sample_rate", "steps", "epsilon_after", "run", "recorded_at", "prev"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entry=st.integers(0, 2), field=st.sampled_from(FIELDS))
+def test_any_edited_entry_breaks_the_hash_chain(tmp_path, entry, field):
+    path = _chained_ledger(tmp_path)
+    raw = json.loads(path.read_text())
+    e = raw["entries"][entry]
+    if isinstance(e[field], str):
+        e[field] = ("mutual" if e[field] != "mutual" else "local") if field == "phase" else e[field] + "x"
+    else:
+        e[field] = e[field] * 10 + 1
+    with pytest.raises(LedgerError):
+        PrivacyLedger.from_dict(raw, verify=False)  # the chain alone refuses it, before any accounting
+
+
+def test_noise_multiplied_and_epsilons_recomputed_is_still_refused(tmp_path):
+    """The skeptic's edit: sigma x10 and epsilon_after recomputed to match -- the
+    accountant agrees, the chain does not."""
+    path = _chained_ledger(tmp_path)
+    raw = json.loads(path.read_text())
+    fake = PrivacyLedger(peer_id=3, target_epsilon=8.0, delta=1e-5, accountant="rdp")
+    for e in raw["entries"]:
+        e["noise_multiplier"] *= 10
+        e["epsilon_after"] = fake.record(
+            round_index=e["round"], phase=e["phase"], mechanism=Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"])
+        ).epsilon_after
+    with pytest.raises(LedgerError, match="hash chain breaks at entry 0"):
+        PrivacyLedger.from_dict(raw)
+
+
+@pytest.mark.parametrize("tamper", ["cut", "copied-to-other-peer", "other-delta", "head"])
+def test_cut_copied_or_reaccounted_ledgers_are_refused(tmp_path, tamper):
+    raw = json.loads(_chained_ledger(tmp_path).read_text())
+    if tamper == "cut":
+        raw["entries"] = raw["entries"][:1]  # the head hash pins the last entry
+    elif tamper == "copied-to-other-peer":
+        raw["peer_id"] = 5
+    elif tamper == "other-delta":
+        raw["delta"] = 1e-3
+    else:
+        raw["head_hash"] = "0" * 64
+    with pytest.raises(LedgerError):
+        PrivacyLedger.from_dict(raw)
+
+
+def test_an_untouched_chained_ledger_loads_and_resumes(tmp_path):
+    path = _chained_ledger(tmp_path)
+    led = PrivacyLedger.open(path, peer_id=3, target_epsilon=8.0, delta=1e-5, accountant="rdp")
+    led.run_id = "run-b"
+    led.record(round_index=0, phase="local", mechanism=Mechanism(1.2, 0.05, 20))
+    again = PrivacyLedger.load(path)
+    assert [e.run for e in again.entries] == ["run-a"] * 3 + ["run-b"]
+    assert again.entries[3].prev == again.entries[2].hash and again.head_hash == again.entries[3].hash

@@ -17,20 +17,32 @@ Rules the ledger enforces:
   ``accountant_history(entries)`` to a fresh Opacus accountant of the recorded
   kind and ask for epsilon at the recorded delta (:meth:`PrivacyLedger.verify`).
 
-File format (JSON, ``format = "secure-dfml-ledger"``, ``version = 1``)::
+File format (JSON, ``format = "secure-dfml-ledger"``, ``version = 2``)::
 
-    {"format": ..., "version": 1, "peer_id": 3, "accountant": "rdp",
+    {"format": ..., "version": 2, "peer_id": 3, "accountant": "rdp",
      "delta": 1e-05, "target_epsilon": 8.0,
      "entries": [{"index": 0, "round": 0, "phase": "local",
                   "noise_multiplier": 1.1, "sample_rate": 0.064, "steps": 16,
-                  "epsilon_after": 0.53, "recorded_at": "2025-...Z"}, ...],
+                  "epsilon_after": 0.53, "recorded_at": "2025-...Z",
+                  "run": "<run id>", "prev": "<sha256>", "hash": "<sha256>"}, ...],
+     "head_hash": "<sha256 of the newest entry>",
      "spent_epsilon": 0.53, "exhausted_round": null,
      "refusals": [{"round": 9, "phase": "mutual", "would_spend": 8.3}]}
+
+Entries are hash-chained: each ``hash`` is sha256 over the entry's canonical
+JSON including ``prev``, the previous entry's hash; the first entry's ``prev``
+is a genesis hash that binds the peer id, delta and accountant.  Loading
+checks the chain, so an entry edited, removed or reordered by hand, or a ledger
+copied over another peer's, is refused by name; ``head_hash`` pins the whole
+history for a manifest (a chain alone does not stop someone who rewrites every
+hash -- the run's manifest and cross-checks against its metrics do).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -48,7 +60,7 @@ from secure_dfml.privacy._errors import BudgetExceededError, LedgerError, Privac
 logger = logging.getLogger(__name__)
 
 LEDGER_FORMAT = "secure-dfml-ledger"
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # 2: entries are hash-chained (prev, hash) and carry their run id
 PHASES: tuple[str, ...] = ("local", "mutual", "class_prior")
 _VERIFY_RTOL = 1e-6
 
@@ -66,10 +78,24 @@ class LedgerEntry:
     epsilon_after: float
     recorded_at: str
     run: str = ""  # the run that charged it (a peer's ledger spans every run on its data)
+    prev: str = ""  # hash of the previous entry (the chain's genesis for the first)
+    hash: str = ""  # sha256 over this entry's fields and ``prev``
 
     @property
     def mechanism(self) -> Mechanism:
         return Mechanism(self.noise_multiplier, self.sample_rate, self.steps)
+
+
+def genesis_hash(peer_id: int, delta: float, accountant: str) -> str:
+    """Where a peer's chain starts: binds the chain to the peer, its delta and accountant
+    (a ledger copied over another peer's, or re-accounted, breaks the chain)."""
+    return hashlib.sha256(f"{LEDGER_FORMAT}|peer {peer_id}|delta {delta!r}|{accountant}".encode()).hexdigest()
+
+
+def entry_hash(entry: LedgerEntry) -> str:
+    """sha256 of an entry's canonical JSON (every field but ``hash``, ``prev`` included)."""
+    fields = {k: v for k, v in asdict(entry).items() if k != "hash"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def ledger_path(ledger_dir: Path, peer_id: int) -> Path:
@@ -145,6 +171,14 @@ class PrivacyLedger:
         return [e.mechanism for e in self._entries if e.run != run_id]
 
     @property
+    def head_hash(self) -> str:
+        """Hash of the newest entry (the genesis hash when there is none): the value
+        a manifest or a signature pins the whole history with."""
+        if self._entries:
+            return self._entries[-1].hash
+        return genesis_hash(self.peer_id, self.delta, self.accountant)
+
+    @property
     def spent_epsilon(self) -> float:
         return self._entries[-1].epsilon_after if self._entries else 0.0
 
@@ -202,7 +236,9 @@ class PrivacyLedger:
             epsilon_after=float(eps),
             recorded_at=datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             run=self.run_id,
+            prev=self.head_hash,
         )
+        entry = dataclasses.replace(entry, hash=entry_hash(entry))
         self._entries.append(entry)
         self._persist()
         return entry
@@ -241,6 +277,7 @@ class PrivacyLedger:
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "entries": [asdict(e) for e in self._entries],
+            "head_hash": self.head_hash,
             "spent_epsilon": self.spent_epsilon,
             "total_steps": self.total_steps,
             "exhausted_round": self._exhausted_round,
@@ -268,9 +305,18 @@ class PrivacyLedger:
             ledger._refusals = [dict(r) for r in raw.get("refusals", [])]
         except (KeyError, TypeError, ValueError) as exc:
             raise LedgerError(f"{where} is malformed: {exc!r}") from exc
+        prev = genesis_hash(ledger.peer_id, ledger.delta, ledger.accountant)
         for i, e in enumerate(entries):
             if e.index != i:
                 raise LedgerError(f"{where}: entry {i} has index {e.index}; entries were removed or reordered.")
+            if e.prev != prev or e.hash != entry_hash(e):
+                raise LedgerError(
+                    f"{where}: the hash chain breaks at entry {i} (round {e.round}, {e.phase}): the entry was edited, "
+                    "removed, reordered, or the ledger belongs to another peer, delta or accountant."
+                )
+            prev = e.hash
+        if raw.get("head_hash") not in (None, prev):
+            raise LedgerError(f"{where}: head_hash does not match its entries; entries were cut or added.")
         ledger._entries = entries
         if verify:
             ledger.verify()
@@ -366,6 +412,8 @@ def _entry_from_dict(raw: Mapping[str, Any]) -> LedgerEntry:
         epsilon_after=float(raw["epsilon_after"]),
         recorded_at=str(raw.get("recorded_at", "")),
         run=str(raw.get("run", "")),
+        prev=str(raw["prev"]),
+        hash=str(raw["hash"]),
     )
     entry.mechanism  # noqa: B018 -- validates sigma / q / steps
     return entry
