@@ -5,7 +5,7 @@ built-in federation of ``secure-dfml run`` (``secure_dfml.config.default_config`
 scatter-linear / scatter-cnn / scatter-mlp cycled over peers, 20 rounds, all peers per
 round in 2 groups, batch 256, lr 0.1, 4 mutual-learning epochs, DP class prior,
 per-model clipping, noise planned on the public schedule).  Each budget is one
-point of :func:`secure_dfml.privacy.tune_budgets` -- the same federation, seed
+point of :func:`secure_dfml.orchestration.tune.tune_budgets` -- the same federation, seed
 and data split at every point -- so the table is exactly what
 ``secure-dfml tune --epsilons 1,2,4,8,inf`` reports; the non-private point is
 the same configuration with ``privacy.enabled = false``.
@@ -105,7 +105,7 @@ def _per_arch(point: dict[str, Any]) -> dict[str, float]:
 def _sweep(dataset: str, data_over: dict[str, Any], s: str, seed: int, rounds: int | None,
            runs_root: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One ``tune_budgets`` sweep (every epsilon, one federation seed): its table rows and config."""
-    from secure_dfml.privacy import tune_budgets
+    from secure_dfml.orchestration.tune import tune_budgets
 
     torch.set_num_threads(1)
     cfg = make_config(dataset, data_over, s, rounds=rounds, seed=seed)
@@ -289,7 +289,7 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
 
 def _run_one(cfg: Any, runs_root: Path, name: str) -> dict[str, Any]:
     from secure_dfml._run import run_federation
-    from secure_dfml.privacy._tune import _phase_counts, _tail_accuracy
+    from secure_dfml.orchestration.tune import _phase_counts, _tail_accuracy
 
     records: list[dict[str, Any]] = []
     slug = "".join(c if c.isalnum() else "-" for c in name)[:60]

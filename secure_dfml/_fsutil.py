@@ -12,7 +12,7 @@ import fcntl
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from secure_dfml.errors import RunDirectoryError
@@ -40,6 +40,37 @@ def swap_into_place(tmp: Path, final: Path) -> Path:
     else:
         tmp.rename(final)
     return final
+
+
+def staging_dir(final_dir: Path) -> Path:
+    """A fresh, empty temporary sibling of ``final_dir`` (see :func:`write_output_dir`)."""
+    final_dir = Path(final_dir)
+    return fresh_dir(final_dir.with_name(f".{final_dir.name}.partial-{os.getpid()}"))
+
+
+def write_output_dir(final_dir: Path, files: Mapping[str, str | bytes], *, staging: Path | None = None) -> Path:
+    """Write ``files`` into a temporary sibling folder, then swap it in.
+
+    An existing ``final_dir`` is replaced only once every file is written; on
+    any failure the earlier results stay untouched. ``staging``: an already
+    prepared temporary folder (e.g. holding ledgers) to complete and swap in.
+    """
+    final_dir = Path(final_dir)
+    tmp = staging if staging is not None else staging_dir(final_dir)
+    try:
+        for name, content in files.items():
+            p = tmp / name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                p.write_bytes(content)
+            else:
+                p.write_text(content, encoding="utf-8")
+        swap_into_place(tmp, final_dir)
+    except BaseException:
+        if staging is None:  # a caller's staging folder is the caller's to clean up
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final_dir
 
 
 @contextlib.contextmanager

@@ -12,8 +12,8 @@ import typer
 from typer.testing import CliRunner
 
 from secure_dfml import config_from_dict
-from secure_dfml.audit import rebuild_federation, run_canary_audit
-from secure_dfml.audit._canary import _k_grid
+from secure_dfml.audit import canary_k_grid, rebuild_federation
+from secure_dfml.orchestration.canary import run_canary_audit
 from secure_dfml.cli.audit import audit
 from secure_dfml.config import dump_toml
 from secure_dfml.errors import AuditError
@@ -50,8 +50,8 @@ def _check_structure(res: dict[str, Any], out: Path, m: int, cfg: Any) -> None:
 
 
 def test_k_grid() -> None:
-    assert _k_grid(50) == ([5, 12, 25], [0, 5, 12, 25])
-    assert _k_grid(2) == ([1], [0, 1])
+    assert canary_k_grid(50) == ([5, 12, 25], [0, 5, 12, 25])
+    assert canary_k_grid(2) == ([1], [0, 1])
 
 
 def test_canary_audit_non_private(tmp_path: Path) -> None:

@@ -212,7 +212,7 @@ def test_failed_audit_keeps_earlier_results(run_dir: Path, monkeypatch: pytest.M
 
 
 def test_write_output_dir_is_atomic(tmp_path: Path) -> None:
-    from secure_dfml.audit._rundir import write_output_dir
+    from secure_dfml._fsutil import write_output_dir
 
     final = tmp_path / "out"
     write_output_dir(final, {"results.json": "old", "report.html": "old"})

@@ -11,13 +11,19 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import secure_dfml.privacy._tune as tune_mod
+import secure_dfml.orchestration.tune as tune_mod
 from secure_dfml import config_from_dict
 from secure_dfml.cli.tune import tune
 from secure_dfml.config import PeerPrivacyConfig
 from secure_dfml.errors import ConfigError, RunDirectoryError
-from secure_dfml.privacy import BudgetPoint, budget_point, parse_epsilons, tune_budgets
-from secure_dfml.privacy._tune import render_tune_markdown, summarize_leakage
+from secure_dfml.orchestration.tune import (
+    BudgetPoint,
+    budget_point,
+    parse_epsilons,
+    render_tune_markdown,
+    summarize_leakage,
+    tune_budgets,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -240,7 +246,7 @@ def test_resume_adds_the_leakage_axis_without_retraining(
                     "0.001": {"value": 0.01, "ci_low": 0.0, "ci_high": 0.03, "reason": None}}}} for a in attacks}}],
                 "peers": {}}
 
-    monkeypatch.setattr(tune_mod, "_load_audit", lambda: fake_audit)
+    monkeypatch.setattr(tune_mod, "audit_run_dir", fake_audit)
     out = tmp_path / "s"
     tune_budgets(small_cfg(), epsilons=[2], out_dir=out, plot=False)
     fake_runs.clear()

@@ -18,7 +18,11 @@ Engine integration::
 
     audit.audit_run_dir("runs/x", threat_model="curious-aggregator", rng=np.random.default_rng(0))
     # -> runs/x/audit/curious-aggregator/{results.json, report.html}
-    audit.run_canary_audit(cfg, canaries_per_peer=50, confidence=0.95, rng=rng, out_dir="audits/c")
+
+The canary math lives here too (:func:`draw_canaries`, :func:`canary_peer_entry`);
+the driver that trains a federation with canaries sits above, in
+:func:`secure_dfml.orchestration.canary.run_canary_audit`, as does the budget
+sweep that audits each of its points (:mod:`secure_dfml.orchestration.tune`).
 """
 
 from secure_dfml.audit._attacks import (
@@ -78,7 +82,15 @@ from secure_dfml.audit._threat_models import (
     load_threat_model,
     threat_models_dir,
 )
-from secure_dfml.audit.report import FINDING_LEVELS, Finding, finding_line, findings, render_html_report, write_html_report
+from secure_dfml.audit.report import (
+    FINDING_LEVELS,
+    Finding,
+    finding_line,
+    findings,
+    render_html_report,
+    render_simple_html,
+    write_html_report,
+)
 from secure_dfml.audit._rundir import (
     ATTACK_ALIASES,
     DEFAULT_RUN_ATTACKS,
@@ -89,7 +101,18 @@ from secure_dfml.audit._rundir import (
     resolve_attacks,
 )
 from secure_dfml.audit._eavesdropper import analyse_envelopes, byte_uniformity_p_value
-from secure_dfml.audit._canary import run_canary_audit
+from secure_dfml.audit._canary import (
+    CANARY_FORMAT,
+    CANARY_VERSION,
+    CanaryDraw,
+    canary_findings,
+    canary_k_grid,
+    canary_peer_entry,
+    check_canary_settings,
+    draw_canaries,
+    render_canary_html,
+    render_canary_markdown,
+)
 
 __all__ = [
     "ATTACKS",
@@ -102,7 +125,17 @@ __all__ = [
     "default_reference_epochs",
     "rebuild_federation",
     "resolve_attacks",
-    "run_canary_audit",
+    "CANARY_FORMAT",
+    "CANARY_VERSION",
+    "CanaryDraw",
+    "canary_findings",
+    "canary_k_grid",
+    "canary_peer_entry",
+    "check_canary_settings",
+    "draw_canaries",
+    "render_canary_html",
+    "render_canary_markdown",
+    "render_simple_html",
     "DEFAULT_ATTACKS",
     "DEFAULT_FPR_LEVELS",
     "DEFAULT_RMIA_OFFLINE_A",

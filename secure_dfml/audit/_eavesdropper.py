@@ -39,16 +39,9 @@ import numpy as np
 import torch
 from scipy import stats
 
-from secure_dfml.audit._rundir import (
-    _load_model,
-    _Target,
-    rebuild_federation,
-    render_simple_html,
-    results_header,
-    selected_peers,
-)
+from secure_dfml.audit._federation import ModelTarget, load_model, rebuild_federation, results_header, selected_peers
 from secure_dfml.audit._threat_models import ThreatModel
-from secure_dfml.audit.report import Finding, by_severity, finding, html_table
+from secure_dfml.audit.report import Finding, by_severity, finding, html_table, render_simple_html
 from secure_dfml.crypto import (
     HEADER_BYTES,
     KeyRing,
@@ -126,7 +119,7 @@ def analyse_envelopes(
         f = mdir / f"peer_{i:03d}_final.safetensors"
         if not f.is_file():
             raise AuditError(f"{f} is missing: the eavesdropper analysis needs each peer's final model")
-        model = _load_model(_Target(f"{i} final", i, f, "final", archs[i]), ds)
+        model = load_model(ModelTarget(f"{i} final", i, f, "final", archs[i]), ds)
         state = model.state_dict()
         payload = encode_state(state)
         recipient = (i + 1) % n

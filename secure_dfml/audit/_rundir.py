@@ -33,8 +33,6 @@ import html
 import json
 import logging
 import math
-import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from secure_dfml._fsutil import fresh_dir, swap_into_place
-from secure_dfml._jsonutil import json_text, utc_now
+from secure_dfml._fsutil import write_output_dir
+from secure_dfml._jsonutil import json_text
 from secure_dfml.audit._attacks import ATTACKS, get_attack
 from secure_dfml.audit._epsilon import (
     LedgerComparison,
@@ -52,12 +50,21 @@ from secure_dfml.audit._epsilon import (
     epsilon_lower_bound_from_scores,
     ledger_entry,
 )
+from secure_dfml.audit._eavesdropper import analyse_envelopes
+from secure_dfml.audit._federation import (
+    RESULTS_FORMAT,
+    ModelTarget,
+    load_model,
+    rebuild_federation,
+    results_header,
+    selected_peers,
+)
 from secure_dfml.audit._reference import ReferenceModels, train_reference_models
-from secure_dfml.audit.report import findings as _findings
-from secure_dfml.audit.report import Finding, finding, findings_list, html_table, page_head, render_html_report
 from secure_dfml.audit._runner import AuditResult, audit_model
 from secure_dfml.audit._threat_models import ThreatModel, load_threat_model
 from secure_dfml.audit._training import make_trainer, torch_generator
+from secure_dfml.audit.report import Finding, finding, html_table, render_html_report, render_simple_html
+from secure_dfml.audit.report import findings as _findings
 from secure_dfml.errors import AuditError, RunDirectoryError, SecureDFMLError
 from secure_dfml.models import build_model
 from secure_dfml.privacy import PrivacyLedger
@@ -76,7 +83,6 @@ from secure_dfml.rundir import (
     models_dir,
     read_config,
     read_metrics,
-    read_state,
     read_summary,
     view_file,
     views_dir,
@@ -94,9 +100,6 @@ __all__ = [
 ]
 
 _LOG = logging.getLogger(__name__)
-
-RESULTS_FORMAT = "secure-dfml-audit"
-RESULTS_VERSION = 2  # 2: findings are {level, text} records (were strings)
 
 #: ``progress(done, total, what)``: called after each reference model is trained.
 AuditProgress = Callable[[int, int, str], None]
@@ -141,37 +144,6 @@ def resolve_attacks(names: Sequence[str] | None, *, online: bool = False) -> tup
     return tuple(out)
 
 
-def write_output_dir(final_dir: Path, files: Mapping[str, str | bytes], *, staging: Path | None = None) -> Path:
-    """Write ``files`` into a temporary sibling folder, then swap it in.
-
-    An existing ``final_dir`` is replaced only once every file is written; on
-    any failure the earlier results stay untouched. ``staging``: an already
-    prepared temporary folder (e.g. holding ledgers) to complete and swap in.
-    """
-    final_dir = Path(final_dir)
-    tmp = staging if staging is not None else staging_dir(final_dir)
-    try:
-        for name, content in files.items():
-            p = tmp / name
-            p.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, bytes):
-                p.write_bytes(content)
-            else:
-                p.write_text(content, encoding="utf-8")
-        swap_into_place(tmp, final_dir)
-    except BaseException:
-        if staging is None:  # a caller's staging folder is the caller's to clean up
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final_dir
-
-
-def staging_dir(final_dir: Path) -> Path:
-    """A fresh, empty temporary sibling of ``final_dir`` (see :func:`write_output_dir`)."""
-    final_dir = Path(final_dir)
-    return fresh_dir(final_dir.with_name(f".{final_dir.name}.partial-{os.getpid()}"))
-
-
 # ----------------------------------------------------------------------------- run directory
 @dataclass(frozen=True)
 class _RunDir:
@@ -187,19 +159,6 @@ def _load_run_dir(run_dir: str | Path) -> _RunDir:
         return _RunDir(path, read_config(path), read_summary(path), tuple(read_metrics(path)))
     except RunDirectoryError as exc:
         raise AuditError(str(exc)) from exc
-
-
-def rebuild_federation(cfg: Any) -> Any:
-    """Rebuild a run's data set, split and peers (no training, no ledgers).
-
-    The seeds in ``cfg`` make this deterministic. Privacy, key files and CKKS
-    do not influence the data, so they are switched off for the rebuild (no
-    Opacus or TenSEAL set-up, no passphrase needed).
-    """
-    from secure_dfml._run import build_federation
-
-    quiet = cfg.replace(privacy={"enabled": False}, crypto={"keys_dir": None, "secure_aggregation": "none"})
-    return build_federation(quiet, ledger_dir=None)
 
 
 def _check_rebuild(run: _RunDir, fed: Any) -> None:
@@ -259,26 +218,6 @@ def _ledgers(run: _RunDir, n_peers: int) -> tuple[dict[int, _LedgerInfo], list[F
 
 
 # ----------------------------------------------------------------------------- targets
-@dataclass(frozen=True)
-class _Target:
-    key: str  # label used in tables and figures
-    owner: int  # the peer whose data (members / non-members) is attacked
-    model_path: Path
-    model_kind: str  # received | returned | final | peak
-    arch: str
-    via: int | None = None  # received: the sender; returned: the recipient sender
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "target": self.key,
-            "data_owner": self.owner,
-            "model": self.model_kind,
-            "model_file": str(self.model_path),
-            "arch": self.arch,
-            "via_peer": self.via,
-        }
-
-
 def _ckks_on(cfg: Any) -> bool:
     return cfg.crypto.secure_aggregation == "ckks"
 
@@ -319,25 +258,15 @@ def _absent_reason_received(cfg: Any, h: Mapping[str, Any], peer: int) -> str:
     return f"no model from peer {peer} reached an aggregator individually (dropped links or rejected messages)"
 
 
-def selected_peers(peers: Sequence[int] | None, n: int) -> list[int]:
-    """The sorted peer ids an audit looks at (all ``n`` when ``peers`` is None);
-    ids outside 0..n-1 are refused."""
-    wanted = list(range(n)) if peers is None else sorted(set(peers))
-    bad = [p for p in wanted if not 0 <= p < n]
-    if bad:
-        raise AuditError(f"peers {bad} do not exist; the run has peers 0..{n - 1}")
-    return wanted
-
-
 def _select_targets(
     run: _RunDir, tm: ThreatModel, fed: Any, peers: Sequence[int] | None
-) -> tuple[list[_Target], list[dict[str, Any]], str | None]:
+) -> tuple[list[ModelTarget], list[dict[str, Any]], str | None]:
     """(targets, skipped entries, view-absent reason when nothing can be attacked)."""
     cfg = run.cfg
     archs = [p.arch for p in fed.peers]
     n = len(archs)
     wanted = set(selected_peers(peers, n))
-    targets: list[_Target] = []
+    targets: list[ModelTarget] = []
     skipped: list[dict[str, Any]] = []
     hist = _sender_history(run.records, n)
 
@@ -351,11 +280,11 @@ def _select_targets(
             final = model_file(run.path, i, "final")
             peak = model_file(run.path, i, "peak")
             if final.is_file():
-                targets.append(_Target(f"{i} final", i, final, "final", archs[i]))
+                targets.append(ModelTarget(f"{i} final", i, final, "final", archs[i]))
             else:
                 skipped.append({"data_owner": i, "model": "final", "reason": f"{final.name} is missing"})
             if peak.is_file():
-                targets.append(_Target(f"{i} peak", i, peak, "peak", archs[i]))
+                targets.append(ModelTarget(f"{i} peak", i, peak, "peak", archs[i]))
             else:
                 no_peak.append(i)
         if no_peak:
@@ -372,7 +301,7 @@ def _select_targets(
         for i in sorted(wanted):
             f = view_file(run.path, VIEW_RECEIVED, i)
             if f.is_file():
-                t = _Target(f"{i} as received", i, f, "received", archs[i], via=i)
+                t = ModelTarget(f"{i} as received", i, f, "received", archs[i], via=i)
                 targets.append(t)
                 if _ckks_on(cfg) and hist[i]["individual"]:
                     skipped.append({
@@ -409,7 +338,7 @@ def _select_targets(
             if not f.is_file():
                 skipped.append({"data_owner": a, "model": "returned", "via_peer": s, "reason": f"{f.name} is missing"})
                 continue
-            targets.append(_Target(f"{a} returned to {s}", a, f, "returned", archs[s], via=s))
+            targets.append(ModelTarget(f"{a} returned to {s}", a, f, "returned", archs[s], via=s))
     if targets:
         return targets, skipped, None
     if not vdir.is_dir():
@@ -430,26 +359,6 @@ def _select_targets(
     return [], skipped, "no model in this view belongs to the requested peers: " + "; ".join(
         str(s.get("reason")) for s in skipped if s.get("reason")
     )
-
-
-def _load_model(target: _Target, dataset: Any) -> torch.nn.Module:
-    try:
-        state, meta = read_state(target.model_path)
-    except RunDirectoryError as exc:
-        raise AuditError(str(exc)) from exc
-    arch = meta.get("arch", target.arch)
-    if arch != target.arch:
-        raise AuditError(
-            f"{target.model_path} holds a {arch!r} model but the run's config gives {target.arch!r} for that peer"
-        )
-    model = build_model(arch, input_shape=dataset.input_shape, num_classes=dataset.num_classes, kind=dataset.kind,
-                        generator=torch.Generator().manual_seed(0))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise AuditError(f"{target.model_path} does not match architecture {arch!r}: {exc}") from exc
-    model.eval()
-    return model
 
 
 def default_reference_epochs(cfg: Any) -> int:
@@ -498,8 +407,6 @@ def audit_run_dir(
     run = _load_run_dir(run_dir)
     out_dir = audit_dir(run.path, tm.name)
     if tm.view == "envelopes":
-        from secure_dfml.audit._eavesdropper import analyse_envelopes
-
         results, report = analyse_envelopes(run.path, run.cfg, tm, peers=peers)
         results["output_dir"] = str(out_dir)
         _write(out_dir, results, report)
@@ -645,7 +552,7 @@ def audit_run_dir(
             if key not in refs:
                 refs[key] = train_job(*key)
             ref = refs[key]
-        model = _load_model(t, ds)
+        model = load_model(t, ds)
         res = audit_model(
             model, x_members=xm, y_members=ym, x_nonmembers=xn, y_nonmembers=yn, pool_x=rest_x, pool_y=rest_y,
             rng=audit_rng.spawn(1)[0], attacks=names, reference=ref, population=(pop_x, pop_y),
@@ -784,32 +691,6 @@ def _attacks_for(tm: ThreatModel, attacks: Sequence[str] | None, online: bool) -
     return names
 
 
-def results_header(run_dir: Path, cfg: Any, tm: ThreatModel, fed: Any) -> dict[str, Any]:
-    """The fields every audit's results.json starts with: format, when, which run
-    and threat model, and the run's federation (peers, data sizes, privacy, channel)."""
-    return {
-        "format": RESULTS_FORMAT,
-        "version": RESULTS_VERSION,
-        "created": utc_now(),
-        "run_dir": str(run_dir),
-        "threat_model": tm.to_dict(),
-        "run": {
-            "federation": cfg.federation.id,
-            "algorithm": cfg.federation.algorithm,
-            "dataset": fed.dataset.name,
-            "peers": len(fed.peers),
-            "architectures": [p.arch for p in fed.peers],
-            "train_sizes": [int(len(p.train)) for p in fed.split.peers],
-            "holdout_sizes": [int(len(p.holdout)) for p in fed.split.peers],
-            "auditor_pool": int(len(fed.split.auditor_pool)),
-            "private": bool(cfg.privacy.enabled),
-            "channel": cfg.crypto.channel,
-            "secure_aggregation": cfg.crypto.secure_aggregation,
-            "pad_messages": cfg.crypto.pad_messages,
-        },
-    }
-
-
 def _base_results(run: _RunDir, tm: ThreatModel, fed: Any, names: Sequence[str], k: int, online: bool,
                   out_dir: Path) -> dict[str, Any]:
     return {
@@ -879,15 +760,6 @@ def _render_html(results: Mapping[str, Any], tm: ThreatModel, audits: Mapping[st
     return render_html_report(audits, title=f"Membership-inference audit: {tm.name}", threat_model=tm,
                               ledger_checks=checks, extra=extra, sections=[_epsilon_section(results, skipped)],
                               report_findings=results["findings"])
-
-
-def render_simple_html(title: str, tm: ThreatModel | None, body: Sequence[str], findings: Sequence[Finding]) -> str:
-    """A self-contained page in the audit report's style (no figures)."""
-    parts = page_head(title, tm)
-    parts.append(findings_list(findings))
-    parts.extend(body)
-    parts.append("</body></html>")
-    return "\n".join(parts)
 
 
 def _render_absent_html(results: Mapping[str, Any], tm: ThreatModel) -> str:

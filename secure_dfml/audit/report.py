@@ -25,7 +25,7 @@ from secure_dfml.audit._threat_models import ThreatModel
 from secure_dfml.errors import AuditError
 
 __all__ = ["FINDING_LEVELS", "Finding", "by_severity", "finding", "finding_line", "findings", "render_html_report",
-           "roc_figure_png", "write_html_report"]
+           "render_simple_html", "roc_figure_png", "write_html_report"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -244,6 +244,15 @@ def findings_list(items: Sequence[Finding]) -> str:
     """The findings as an HTML list, alerts (fail, insecure, warning) highlighted."""
     rows = [("<li class='fail'>" if is_alert(f) else "<li>") + html.escape(finding_line(f)) + "</li>" for f in items]
     return "<h2>Findings</h2><ul>" + "".join(rows) + "</ul>"
+
+
+def render_simple_html(title: str, tm: ThreatModel | None, body: Sequence[str], findings: Sequence[Finding]) -> str:
+    """A self-contained page in the audit report's style (no figures)."""
+    parts = page_head(title, tm)
+    parts.append(findings_list(findings))
+    parts.extend(body)
+    parts.append("</body></html>")
+    return "\n".join(parts)
 
 
 def render_html_report(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import Annotated, Any, Optional
 
 import numpy as np
 import typer
@@ -30,11 +30,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from secure_dfml.audit import Finding, audit_run_dir, finding_line, list_threat_models, load_threat_model
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
+from secure_dfml.config import load_config
 from secure_dfml.errors import AuditError
-
-if TYPE_CHECKING:
-    from secure_dfml.audit.report import Finding
+from secure_dfml.orchestration.canary import run_canary_audit
 
 __all__ = ["audit"]
 
@@ -99,8 +99,6 @@ def _status_style(status: str) -> str:
 
 
 def _print_findings(findings: list[Finding]) -> None:
-    from secure_dfml.audit.report import finding_line
-
     quiet = [f for f in findings if f["level"] == "quiet"]
     console.print("[bold]Findings[/]")
     for f in findings:
@@ -184,8 +182,6 @@ def _print_canary(res: dict[str, Any]) -> None:
 
 
 def _list_threat_models(fmt: OutputFormat) -> None:
-    from secure_dfml.audit import list_threat_models, load_threat_model
-
     tms = [load_threat_model(n) for n in list_threat_models()]
     if fmt is OutputFormat.json:
         print_json([t.to_dict() for t in tms])
@@ -220,7 +216,7 @@ def audit(
     confidence: Annotated[float, typer.Option("--confidence", help="Confidence of the epsilon lower bounds.")] = 0.95,
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Canary audit: output folder (default audits/<time>-<federation>-canary).")] = None,
-    list_threat_models: Annotated[bool, typer.Option("--list-threat-models", help="List the threat models and exit.")] = False,
+    list_models: Annotated[bool, typer.Option("--list-threat-models", help="List the threat models and exit.")] = False,
     format: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = OutputFormat.table,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
 ) -> None:
@@ -228,7 +224,7 @@ def audit(
     canary audit that bounds each peer's epsilon from below. Lower bounds above a ledger epsilon are flagged FAIL;
     an attack that finds nothing is never taken as proof of privacy."""
     setup_logging(verbose)
-    if list_threat_models:
+    if list_models:
         _list_threat_models(format)
         return
     if target is None:
@@ -242,14 +238,11 @@ def audit(
     if config is not None:
         raise AuditError("--config belongs to the canary audit (secure-dfml audit canary --config FILE); a run "
                          "directory carries its own config.toml")
-    from secure_dfml.audit import list_threat_models as _names
-    from secure_dfml.audit._rundir import audit_run_dir
-
     if threat_model is None:
-        raise AuditError(f"choose a threat model with --threat-model; available: {', '.join(_names())} (or 'all')")
-    from secure_dfml.audit import load_threat_model
-
-    names = _names() if threat_model == "all" else [threat_model]
+        raise AuditError(
+            f"choose a threat model with --threat-model; available: {', '.join(list_threat_models())} (or 'all')"
+        )
+    names = list_threat_models() if threat_model == "all" else [threat_model]
     for name in names:
         load_threat_model(name)  # unknown names fail here, before any work
     run_path = Path(target)
@@ -290,9 +283,6 @@ def audit(
 
 def _canary(*, config: Path | None, canaries: int, confidence: float, out: Path | None, rng: np.random.Generator,
             fmt: OutputFormat, stray: dict[str, Any]) -> None:
-    from secure_dfml.audit._canary import run_canary_audit
-    from secure_dfml.config import load_config
-
     given = [k for k, v in stray.items() if v is not None]
     if given:
         raise AuditError(f"{', '.join(given)} do not apply to the canary audit (it trains its own run)")

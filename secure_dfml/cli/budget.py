@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from secure_dfml._run import peer_train_sizes
+from secure_dfml import peer_train_sizes
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
 from secure_dfml.config import RunConfig, load_config
 from secure_dfml.errors import RunDirectoryError

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from secure_dfml._jsonutil import pct
 from secure_dfml.cli._common import OutputFormat, console, err_console, friendly_errors, print_json, setup_logging
-from secure_dfml.config import default_config, load_config
+from secure_dfml.config import config_from_dict, default_config, load_config
+from secure_dfml.orchestration.tune import TuneEvent, parse_epsilons, point_rows, tune_budgets
 
 EPSILONS_HELP = (
     "Comma-separated sweep points. Each: a number (one budget for all peers), 'inf' (non-private), "
@@ -21,8 +22,6 @@ EPSILONS_HELP = (
 
 
 def print_tune_table(result: dict[str, Any]) -> None:
-    from secure_dfml.privacy._tune import point_rows
-
     head, rows = point_rows(result, compact=True)
     table = Table(title=f"Budget sweep: {result['algorithm']} on {result['dataset']}, {result['peers']} peers, "
                         f"{result['rounds']} rounds")
@@ -63,9 +62,6 @@ def tune(
     Writes a table and a plot of global and per-peer accuracy vs epsilon, spent vs target epsilon, and the time
     overhead vs non-private; with --audit also attack AUC / TPR@0.1%FPR and a Pareto plot.
     """
-    from secure_dfml import config_from_dict
-    from secure_dfml.privacy._tune import TuneEvent, parse_epsilons, tune_budgets
-
     setup_logging(verbose)
     points = parse_epsilons(epsilons)  # bad syntax fails before the config is even read
     cfg = load_config(config) if config is not None else default_config()

@@ -59,15 +59,6 @@ from secure_dfml.privacy._planner import (
 )
 from secure_dfml.privacy._trainer import RESEARCH_GRADE_LABEL, SECURE_LABEL, DPTrainer, build_trainer
 from secure_dfml.privacy._validate import validate_model
-from secure_dfml.privacy._tune import (
-    DEFAULT_TUNE_ATTACKS,
-    EPSILONS_SYNTAX,
-    BudgetPoint,
-    TuneEvent,
-    budget_point,
-    parse_epsilons,
-    tune_budgets,
-)
 
 __all__ = [
     "ACCOUNTANTS",
@@ -111,12 +102,4 @@ __all__ = [
     "sample_rate_for",
     "steps_per_epoch",
     "validate_model",
-    # budget sweeps (secure-dfml tune)
-    "DEFAULT_TUNE_ATTACKS",
-    "EPSILONS_SYNTAX",
-    "BudgetPoint",
-    "TuneEvent",
-    "budget_point",
-    "parse_epsilons",
-    "tune_budgets",
 ]

@@ -6,8 +6,12 @@ per-peer global / local accuracy), the privacy actually spent (ledger epsilon
 against each peer's target, phases the hard gate refused), the time per round
 and its overhead against the non-private run, and optionally the leakage axis
 (membership-inference AUC and TPR at 0.1% FPR on the published final models,
-via :func:`secure_dfml.audit._rundir.audit_run_dir` with the ``final-model``
+via :func:`secure_dfml.audit.audit_run_dir` with the ``final-model``
 threat model).
+
+A driver above the protocol and the audits: it runs the simulation
+(:func:`secure_dfml.run_federation`) once per point and audits each point's
+run directory.
 
 Sweep points (:func:`parse_epsilons` for the CLI text, :func:`budget_point`
 for Python values)
@@ -76,9 +80,12 @@ from typing import Any
 import numpy as np
 
 from secure_dfml._jsonutil import json_text, pct, utc_now
+from secure_dfml._run import peer_train_sizes, run_federation
+from secure_dfml.audit import audit_run_dir, resolve_attacks
 from secure_dfml.config import PeerPrivacyConfig, RunConfig, dump_toml
 from secure_dfml.errors import ConfigError, RunDirectoryError, SecureDFMLError
-from secure_dfml.privacy._ledger import atomic_write_bytes
+from secure_dfml.privacy import atomic_write_bytes, resolve_budgets
+from secure_dfml.rundir import audit_dir, config_file, summary_file
 
 logger = logging.getLogger(__name__)
 
@@ -443,17 +450,6 @@ def _add_baseline_deltas(points: Sequence[dict[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------ leakage axis
-def _load_audit() -> Callable[..., dict[str, Any]]:
-    try:
-        from secure_dfml.audit._rundir import audit_run_dir
-    except ImportError as exc:  # pragma: no cover - the module ships with the package
-        raise ConfigError(
-            f"the leakage axis (audit=True / --audit) needs secure_dfml.audit._rundir.audit_run_dir, which cannot be "
-            f"imported here ({exc}); run the sweep without --audit."
-        ) from exc
-    return audit_run_dir
-
-
 def _estimate(d: Mapping[str, Any] | None) -> dict[str, Any]:
     d = d or {}
     return {"value": d.get("value"), "ci_low": d.get("ci_low"), "ci_high": d.get("ci_high"), "reason": d.get("reason")}
@@ -539,9 +535,6 @@ def tune_budgets(
     point's budget (e.g. delta >= 1/n) are raised before anything trains; a
     point that fails while training is recorded as failed and the sweep goes on.
     """
-    from secure_dfml._run import peer_train_sizes
-    from secure_dfml.privacy._planner import resolve_budgets
-
     out = Path(out_dir)
     requested = [budget_point(e) for e in epsilons]
     if not requested:
@@ -561,12 +554,11 @@ def tune_budgets(
     if baseline_added:
         notes.append("the non-private baseline (inf) was not listed; it was run anyway, as the reference for "
                      "accuracy cost and time overhead.")
+    audit_fn: Callable[..., dict[str, Any]] | None
     if audit:
-        audit_fn = _load_audit()
+        audit_fn = audit_run_dir
         if reference_models < 1:
             raise ConfigError(f"reference_models = {reference_models}: the leakage axis needs at least 1.")
-        from secure_dfml.audit._rundir import resolve_attacks
-
         attack_names = resolve_attacks(list(audit_attacks))
     else:
         audit_fn = None
@@ -660,9 +652,9 @@ def tune_budgets(
             entry: dict[str, Any]
             if (
                 reused is not None
-                and (run_dir / "summary.json").is_file()
-                and (run_dir / "config.toml").is_file()
-                and (run_dir / "config.toml").read_text(encoding="utf-8") == dump_toml(pc)
+                and summary_file(run_dir).is_file()
+                and config_file(run_dir).is_file()
+                and config_file(run_dir).read_text(encoding="utf-8") == dump_toml(pc)
             ):
                 entry = dict(reused)
                 entry["resumed"] = True
@@ -713,8 +705,6 @@ def tune_budgets(
 def run_federation_for_tune(cfg: RunConfig, run_dir: Path, *, on_round: Callable[[dict[str, Any]], None],
                             plot: bool) -> dict[str, Any]:
     """One point's run (its own run directory; an earlier one is replaced only when the new run succeeds)."""
-    from secure_dfml._run import run_federation
-
     return run_federation(cfg, run_dir, overwrite=True, on_round=on_round, plot=plot)
 
 
@@ -733,7 +723,7 @@ def _audit_point(audit_fn: Callable[..., dict[str, Any]], run_dir: Path, cfg: Ru
         logger.exception("audit of sweep point %s failed", label)
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     summary = summarize_leakage(results)
-    res_path = Path(results.get("output_dir", run_dir / "audit" / TUNE_THREAT_MODEL)) / "results.json"
+    res_path = Path(results.get("output_dir", audit_dir(run_dir, TUNE_THREAT_MODEL))) / "results.json"
     summary["results"] = str(res_path.relative_to(out)) if res_path.is_relative_to(out) else str(res_path)
     return summary
 

@@ -1,0 +1,133 @@
+"""The one-run canary audit's driver: train a whole federation once with canaries.
+
+The canaries are drawn and scored, and the epsilon lower bounds computed, by
+the audit library (:mod:`secure_dfml.audit`, see its ``_canary`` module for the
+method); this driver builds the federation with each peer's canaries inserted
+into its private data (``build_federation(..., peer_data_hook=...)``, so the
+DP trainer plans its sampling rate from the augmented size and charges the
+peer's ledger as usual), runs all its rounds, and writes the audit's folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from secure_dfml._fsutil import staging_dir, write_output_dir
+from secure_dfml._jsonutil import json_text, utc_now
+from secure_dfml._run import build_federation, load_federation_data
+from secure_dfml.audit import (
+    CANARY_FORMAT,
+    CANARY_VERSION,
+    AuditProgress,
+    LedgerComparison,
+    canary_findings,
+    canary_k_grid,
+    canary_peer_entry,
+    check_canary_settings,
+    compute_signals,
+    draw_canaries,
+    render_canary_html,
+    render_canary_markdown,
+)
+from secure_dfml.config import RunConfig, dump_toml
+from secure_dfml.errors import AuditError
+from secure_dfml.rundir import CONFIG, ledgers_dir
+
+__all__ = ["CANARY_FILES", "run_canary_audit"]
+
+_LOG = logging.getLogger(__name__)
+
+#: What a canary audit's folder holds besides ``ledgers/`` (the audit run's own budget).
+CANARY_FILES = ("canary.json", "canary.md", "canary.html", CONFIG)
+
+
+def run_canary_audit(
+    cfg: RunConfig,
+    *,
+    canaries_per_peer: int = 50,
+    confidence: float = 0.95,
+    rng: np.random.Generator,
+    out_dir: str | Path,
+    progress: AuditProgress | None = None,
+) -> dict[str, Any]:
+    """Train ``cfg`` once with canaries and bound each peer's epsilon from below.
+
+    Writes ``out_dir/canary.json``, ``canary.md``, ``canary.html``,
+    ``config.toml`` and the audit run's ``ledgers/`` (a fresh budget: this is a
+    separate training run, not the deployment's). ``out_dir`` must be new,
+    empty, or an earlier canary audit's folder (then it is replaced only once
+    this one succeeds).
+    """
+    m = check_canary_settings(canaries_per_peer, confidence)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "canary.json").is_file())):
+        raise AuditError(f"{out} already holds other files; choose a new or empty folder for the canary audit")
+
+    ds, split = load_federation_data(cfg)  # the same data and split as the real build (deterministic seeds)
+    draw = draw_canaries(ds.x_train, ds.y_train, split.auditor_pool, peers=len(split.peers), per_peer=m,
+                         num_classes=ds.num_classes, rng=rng)
+
+    staging = staging_dir(out)
+    try:
+        fed = build_federation(cfg, ledger_dir=ledgers_dir(staging), peer_data_hook=draw.insert)
+        for i, p in enumerate(fed.peers):
+            want = len(split.peers[i].train) + int(draw.included[i].sum())
+            if p.num_train != want:
+                raise AuditError(f"peer {i} trains on {p.num_train} samples, expected {want} with its canaries")
+        rounds = cfg.federation.rounds
+        last: Mapping[str, Any] = {}
+        if progress is not None:
+            progress(0, rounds, "training rounds (with canaries)")
+        for t, record in enumerate(fed.rounds(), 1):
+            last = record
+            if progress is not None:
+                progress(t, rounds, "training rounds (with canaries)")
+        private = bool(cfg.privacy.enabled)
+        peers_out: dict[str, Any] = {}
+        comparisons: list[LedgerComparison] = []
+        for i, p in enumerate(fed.peers):
+            scores = compute_signals(p.model, draw.x[i], draw.labels[i]).log_prob  # minus the loss
+            status = dict(fed.nodes[i].trainer.peer_status(i)) if private else None
+            entry, cmp = canary_peer_entry(i, p.arch, scores, draw, train_samples=len(split.peers[i].train),
+                                           confidence=confidence, status=status)
+            if cmp is not None:
+                comparisons.append(cmp)
+            peers_out[str(i)] = entry
+        k_pos, k_neg = canary_k_grid(m)
+        results: dict[str, Any] = {
+            "format": CANARY_FORMAT,
+            "version": CANARY_VERSION,
+            "created": utc_now(),
+            "output_dir": str(out),
+            "federation": cfg.federation.id,
+            "algorithm": cfg.federation.algorithm,
+            "dataset": ds.name,
+            "rounds": rounds,
+            "private": private,
+            "canaries_per_peer": m,
+            "confidence": confidence,
+            "k_pos_grid": k_pos,
+            "k_neg_grid": k_neg,
+            "mean_global_acc": last.get("mean_global_acc"),
+            "peers": peers_out,
+            "fail": any(c.failed for c in comparisons),
+            "findings": canary_findings(peers_out, comparisons, private=private, confidence=confidence, per_peer=m),
+            "config": cfg.to_dict(),
+        }
+        files = dict(zip(CANARY_FILES, (json_text(results), render_canary_markdown(results),
+                                        render_canary_html(results), dump_toml(cfg)), strict=True))
+        write_output_dir(out, files, staging=staging)
+    except BaseException:
+        if any(ledgers_dir(staging).glob("*")):  # spent budget is never rolled back
+            _LOG.warning("canary audit failed; the privacy ledgers it wrote are kept in %s", staging)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _LOG.info("canary audit written to %s", out)
+    return results
