@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from secure_dfml._fsutil import current_generation, exclusive, fresh_dir, stamp, swap_dir_atomically, swap_into_place
-from secure_dfml.config import RunConfig, load_config
+from secure_dfml.config import DataConfig, RunConfig, load_config
 from secure_dfml.crypto import build_channel, build_ckks_roles, schema_of
 from secure_dfml.data import ArrayDataset, FederatedSplit, load_dataset, split_from_config
 from secure_dfml.errors import ConfigError, RunDirectoryError
@@ -145,6 +145,32 @@ class FederationPlan:
             arch, input_shape=self.input_shape, num_classes=self.num_classes, kind=self.kind, generator=generator
         )
 
+    def _own_records(self, peer_id: int, path: str, seed: int) -> tuple[np.ndarray, ...]:
+        """Peer ``peer_id``'s records from its own ``path`` (train, labels, local test,
+        labels), checked against the federation's shapes and its declared size."""
+        d = self.cfg.data
+        own = load_dataset(
+            DataConfig(name=f"peer-{peer_id}-own-data", path=path, format=d.format, label_column=d.label_column,
+                       csv_delimiter=d.csv_delimiter),
+            rng=np.random.default_rng(seed),
+        )
+        if tuple(own.input_shape) != self.input_shape or own.y_train.max(initial=0) >= self.num_classes:
+            raise ConfigError(
+                f"peer {peer_id}'s data at {path} has inputs {tuple(own.input_shape)} and labels up to "
+                f"{int(own.y_train.max(initial=0))}; the federation's data ({self.dataset_name}) has inputs "
+                f"{self.input_shape} and {self.num_classes} classes"
+            )
+        x = np.concatenate([own.x_train, own.x_test])
+        y = np.concatenate([own.y_train, own.y_test])
+        train, test, _holdout = _split_own(len(y), d, seed)
+        declared = self.directory.num_train[peer_id]
+        if len(train) != declared:
+            raise ConfigError(
+                f"peer {peer_id} has {len(train)} training records in {path} (of {len(y)}, after the local-test "
+                f"and holdout fractions), but data.declared_train says {declared}; declare {len(train)}"
+            )
+        return x[train], y[train], x[test], y[test]
+
     def own_shard_only(self) -> FederationPlan:
         """This plan without the federation's training records (a peer keeps only
         its own shard, built with :meth:`peer_state` before this)."""
@@ -170,12 +196,23 @@ class FederationPlan:
             )
         if not 0 <= peer_id < f.peers:
             raise ConfigError(f"peer id {peer_id} is not in the federation (ids 0..{f.peers - 1})")
-        ps = self.split.peers[peer_id]
         seed = self.peer_seeds[peer_id]
-        train_idx = np.asarray(ps.train, dtype=np.int64)
-        test_idx = np.asarray(ps.local_test, dtype=np.int64)
-        x_train = torch.from_numpy(np.ascontiguousarray(self.dataset.x_train[train_idx], dtype=np.float32))
-        y_train = torch.from_numpy(np.ascontiguousarray(self.dataset.y_train[train_idx], dtype=np.int64))
+        own_path = self.cfg.data.peer_paths[peer_id] if self.cfg.data.peer_paths else ""
+        if own_path:
+            x_np, y_np, xt_np, yt_np = self._own_records(peer_id, own_path, seed)
+        else:
+            ps = self.split.peers[peer_id]
+            train_idx = np.asarray(ps.train, dtype=np.int64)
+            test_idx = np.asarray(ps.local_test, dtype=np.int64)
+            if len(train_idx) != self.directory.num_train[peer_id]:
+                raise ConfigError(
+                    f"peer {peer_id}'s shard of {self.dataset_name} has {len(train_idx)} training records, but "
+                    f"data.declared_train says {self.directory.num_train[peer_id]}; declare {len(train_idx)}"
+                )
+            x_np, y_np = self.dataset.x_train[train_idx], self.dataset.y_train[train_idx]
+            xt_np, yt_np = self.dataset.x_train[test_idx], self.dataset.y_train[test_idx]
+        x_train = torch.from_numpy(np.ascontiguousarray(x_np, dtype=np.float32))
+        y_train = torch.from_numpy(np.ascontiguousarray(y_np, dtype=np.int64))
         if peer_data_hook is not None:
             x_train, y_train = peer_data_hook(peer_id, x_train, y_train)
         return PeerState(
@@ -184,11 +221,19 @@ class FederationPlan:
             model=self.model(self.archs[peer_id], torch.Generator().manual_seed(seed)),
             x_train=x_train,
             y_train=y_train,
-            x_local_test=torch.from_numpy(np.ascontiguousarray(self.dataset.x_train[test_idx], dtype=np.float32)),
-            y_local_test=torch.from_numpy(np.ascontiguousarray(self.dataset.y_train[test_idx], dtype=np.int64)),
+            x_local_test=torch.from_numpy(np.ascontiguousarray(xt_np, dtype=np.float32)),
+            y_local_test=torch.from_numpy(np.ascontiguousarray(yt_np, dtype=np.int64)),
             num_classes=self.dataset.num_classes,
             generator=torch.Generator().manual_seed(seed ^ 0x5EED),
         )
+
+
+def _split_own(n: int, cfg_data: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A peer's own records split into (train, local test, audit holdout) indices."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(cfg_data.local_test_fraction * n))
+    n_hold = int(round(cfg_data.holdout_fraction * n))
+    return order[n_test + n_hold :], order[:n_test], order[n_test : n_test + n_hold]
 
 
 def plan_federation(cfg: RunConfig, *, declared_train: Sequence[int] | None = None) -> FederationPlan:
@@ -204,6 +249,16 @@ def plan_federation(cfg: RunConfig, *, declared_train: Sequence[int] | None = No
             f"federation.algorithm = {f.algorithm!r} averages weights, so every peer needs the same architecture, "
             f"but the peers use {sorted(set(archs))}; set models.mix = [\"{archs[0]}\"] or choose "
             "algorithm dfml, def-kt or local."
+        )
+    if declared_train is None and cfg.data.declared_train:
+        declared_train = cfg.data.declared_train
+    for name, values in (("declared_train", declared_train or ()), ("peer_paths", cfg.data.peer_paths)):
+        if values and len(values) != f.peers:
+            raise ConfigError(f"data.{name} lists {len(values)} value(s); give one per peer ({f.peers}) or leave it unset")
+    if cfg.data.peer_paths and any(cfg.data.peer_paths) and declared_train is None:
+        raise ConfigError(
+            "data.peer_paths gives peers data of their own: declare every peer's training-set size in "
+            "data.declared_train (public: the averaging weight and the DP sample rate)"
         )
     sizes = [int(len(p.train)) for p in split.peers] if declared_train is None else [int(n) for n in declared_train]
     server_id = f.peers if strategy.uses_server else None

@@ -79,6 +79,12 @@ class DataConfig:
     auditor_pool: int = 1000
     max_train_samples: int | None = None
     max_test_samples: int | None = None
+    # Real peers with data of their own: per peer id, the path of its own records
+    # ("" = its shard of the data set above, derived from the public partition
+    # seed), and every peer's declared training-set size (public: the averaging
+    # weight and the DP sample rate; a peer refuses to start if its data differ).
+    peer_paths: tuple[str, ...] = ()
+    declared_train: tuple[int, ...] = ()
 
     def validate(self, path: str) -> None:
         _require(
@@ -98,6 +104,8 @@ class DataConfig:
         for name in ("max_train_samples", "max_test_samples"):
             value = getattr(self, name)
             _require(value is None or value >= 10, f"{path}.{name}", value, "an integer >= 10 or absent")
+        for i, n in enumerate(self.declared_train):
+            _require(n >= 1, f"{path}.declared_train[{i}]", n, "an integer >= 1 (training records of that peer)")
 
 
 @dataclass(frozen=True, kw_only=True)
