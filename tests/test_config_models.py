@@ -114,7 +114,7 @@ def test_readme_config_example_is_valid():
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    start = text.index("```toml") + len("```toml")
+    start = text.index("```toml\n[federation]") + len("```toml")  # the Configuration section's full example
     block = text[start : text.index("```", start)]
     cfg = config_from_dict(tomllib.loads(block))
     assert cfg.privacy.enabled and cfg.privacy.peers["3"].epsilon == 2.0
