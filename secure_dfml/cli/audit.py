@@ -155,6 +155,17 @@ def _print_mia(res: dict[str, Any]) -> None:
 
 
 def _print_eavesdropper(res: dict[str, Any]) -> None:
+    console.print(f"[bold]source:[/] {escape(str(res.get('source_description', '')))}", highlight=False,
+                  soft_wrap=True)
+    traffic = res.get("traffic")
+    if traffic is not None:
+        kinds = Table(title=f"eavesdropper: {traffic['messages']} captured messages, {traffic['bytes']} bytes")
+        for col in ("kind", "messages", "bytes", "envelope sizes", "carries"):
+            kinds.add_column(col)
+        for kind, k in traffic["by_kind"].items():
+            sizes = ", ".join(map(str, k["sizes"][:4])) + (" ..." if len(k["sizes"]) > 4 else "")
+            kinds.add_row(kind, str(k["messages"]), str(k["bytes"]), sizes, k["carries"])
+        console.print(kinds)
     table = Table(title="eavesdropper: envelope sizes per architecture")
     for col in ("architecture", "parameters", "payload bytes", "envelope (no padding)", "envelope (padding)", "in run"):
         table.add_column(col)
