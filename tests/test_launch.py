@@ -152,3 +152,20 @@ def test_a_second_process_into_the_same_state_directory_is_refused(tmp_path):
         )
     assert proc.returncode == 2
     assert "in use" in proc.stderr and str(state) in proc.stderr
+
+
+def test_an_interrupted_launch_pauses_the_peers_in_step_and_resumes_to_the_same_metrics(tmp_path):
+    cfg = cfg_with(federation={"rounds": 4})
+    run_federation(cfg, tmp_path / "sim", plot=False)
+
+    def interrupt(record):
+        if record["round"] == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        launch_federation(cfg, tmp_path / "net", state_root=tmp_path / "state", on_round=interrupt, plot=False)
+    assert not (tmp_path / "net").exists() and (tmp_path / "net.partial").is_dir()
+    done = {len((tmp_path / "state" / f"peer_{i:03d}" / "reports.jsonl").read_text().splitlines()) for i in range(4)}
+    assert len(done) == 1 and done.pop() < 4  # every peer stopped after the same round
+    launch_federation(cfg, tmp_path / "net", resume=True, plot=False)
+    assert metrics(tmp_path / "net") == metrics(tmp_path / "sim")

@@ -17,8 +17,8 @@ from secure_dfml.cli._common import OutputFormat, console, friendly_errors, prin
 from secure_dfml.cli.run import print_summary
 from secure_dfml.config import default_config, load_config
 from secure_dfml.crypto import PASSPHRASE_ENV
-from secure_dfml.orchestration.launch import launch_federation
-from secure_dfml.orchestration.peer import run_peer
+from secure_dfml.orchestration.launch import PAUSED_EXIT, launch_federation
+from secure_dfml.orchestration.peer import PeerPaused, run_peer
 
 
 def _stop_on_sigterm() -> None:
@@ -69,6 +69,9 @@ def peer(
             cfg, peer_id, state_dir=state, keys_dir=keys_dir, passphrase=_read_passphrase(passphrase_file),
             run_id=run_id, fresh=fresh, on_round=on_round,
         )
+    except PeerPaused as exc:
+        console.print(f"{exc}; its checkpoint is in {state} (start it again to resume)", highlight=False)
+        raise typer.Exit(code=PAUSED_EXIT) from None
     except KeyboardInterrupt:
         console.print(f"peer {peer_id} stopped; its last checkpoint is in {state} (start it again to resume)")
         raise typer.Exit(code=130) from None

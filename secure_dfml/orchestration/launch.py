@@ -40,7 +40,7 @@ from secure_dfml._run import (
 from secure_dfml.config import RunConfig, dump_toml, load_config
 from secure_dfml.crypto import generate_keys, write_keys
 from secure_dfml.errors import RunDirectoryError, TransportError
-from secure_dfml.orchestration.peer import DONE, REPORTS, read_views
+from secure_dfml.orchestration.peer import DONE, PAUSE, REPORTS, read_views
 from secure_dfml.privacy import atomic_write_bytes, ledger_path
 from secure_dfml.report.plots import plot_accuracy
 from secure_dfml.rundir import latest_views, save_views
@@ -49,6 +49,7 @@ from secure_dfml.transport import free_tcp_addresses
 logger = logging.getLogger(__name__)
 
 LAUNCH = "launch.json"
+PAUSED_EXIT = 3  # a peer's exit code when it paused at a round boundary (not a failure)
 
 
 def default_state_root(cfg: RunConfig) -> Path:
@@ -103,8 +104,12 @@ class Launcher:
         if self.keys_dir is not None:
             cmd += ["--keys", str(self.keys_dir)]
         env = {**os.environ, "SECURE_DFML_THREADS": os.environ.get("SECURE_DFML_THREADS", "1")}
+        (sd / PAUSE).unlink(missing_ok=True)
         with open(sd / "peer.log", "ab") as log:
-            self.procs[peer_id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            # its own session: a Ctrl-C at the terminal reaches the launcher, which pauses the peers in step
+            self.procs[peer_id] = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
 
     def kill(self, peer_id: int) -> None:
         """Kill a peer process at once (SIGKILL): for fault drills."""
@@ -125,6 +130,8 @@ class Launcher:
             if code == 0 and (self.state_dir(pid) / DONE).is_file():
                 self.finished.add(pid)
                 continue
+            if code == PAUSED_EXIT:
+                raise TransportError(f"peer {pid} paused ({self.state_dir(pid) / PAUSE}); resume the launch to continue")
             if code == 2 or self.restarts[pid] >= self.max_restarts:  # 2: a usage or config error
                 log = self.state_dir(pid) / "peer.log"
                 tail = log.read_text(encoding="utf-8", errors="replace")[-2000:] if log.is_file() else ""
@@ -136,6 +143,27 @@ class Launcher:
             logger.warning("peer %d stopped (exit code %s); restarting it from its checkpoint (restart %d of %d)",
                            pid, code, self.restarts[pid], self.max_restarts)
             self.start(pid)
+
+    def pause_all(self, timeout: float) -> int:
+        """Ask every peer to stop before the same round and wait (bounded) until
+        they have: a launch resumed from there reproduces the uninterrupted run.
+        Returns the round they pause before."""
+        target = -1
+        while True:  # a peer that started a round before it saw the request moves the boundary on
+            done = max(len(self.reports(pid)) for pid in range(self.endpoints))
+            if done + 1 <= target:
+                break
+            target = done + 1
+            for pid in range(self.endpoints):
+                atomic_write_bytes(self.state_dir(pid) / PAUSE, str(target).encode())
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        logger.warning("peers paused before round %d", target)
+        return target
 
     def stop_all(self, grace: float = 10.0) -> None:
         for proc in self.procs.values():
@@ -279,6 +307,9 @@ def _drive(
                         f"no peer reported a round for {stall:.0f} s (reports so far: "
                         f"{ {pid: len(r) for pid, r in reports.items()} }); stopping the launch"
                     )
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM: every peer stops after the same round, for --resume
+        launcher.pause_all(timeout=stall)
+        raise
     finally:
         launcher.stop_all()
     return records

@@ -40,7 +40,7 @@ from secure_dfml._fsutil import exclusive
 from secure_dfml._run import FederationPlan, build_node, plan_federation
 from secure_dfml.config import RunConfig, dump_toml
 from secure_dfml.crypto import NaClChannel, PlainChannel, load_keys
-from secure_dfml.errors import ConfigError
+from secure_dfml.errors import ConfigError, SecureDFMLError
 from secure_dfml.privacy import atomic_write_bytes
 from secure_dfml.protocol.node import PeerNode
 from secure_dfml.rundir import save_models, save_views
@@ -52,6 +52,23 @@ REPORTS = "reports.jsonl"
 CHECKPOINT = "checkpoint.safetensors"
 DONE = "done.json"
 RUN = "run.json"
+
+
+PAUSE = "pause-before-round"
+
+
+class PeerPaused(SecureDFMLError, RuntimeError):
+    """The peer stopped at a round boundary because its state directory asked it to
+    (``pause-before-round``): every peer of a paused launch stops after the same
+    round, so a resumed launch reproduces the uninterrupted run."""
+
+
+def _pause_requested(state_dir: Path, round_index: int) -> bool:
+    path = state_dir / PAUSE
+    try:
+        return path.is_file() and round_index >= int(path.read_text(encoding="utf-8").strip())
+    except ValueError:
+        return False
 
 
 def config_fingerprint(cfg: RunConfig) -> str:
@@ -177,6 +194,9 @@ def _run_node(
     if start:
         logger.warning("peer %d resumes after round %d of %d", node.peer_id, start, cfg.federation.rounds)
     for t in range(start, cfg.federation.rounds):
+        if _pause_requested(state_dir, t):
+            logger.warning("peer %d pauses before round %d (asked by %s); started again it resumes", node.peer_id, t, PAUSE)
+            raise PeerPaused(f"peer {node.peer_id} paused before round {t}")
         report = node.run_round(t)
         with open(reports_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(report) + "\n")
@@ -209,4 +229,4 @@ def read_views(state_dir: Path) -> dict[tuple[str, int], tuple[int, dict[str, An
     return out
 
 
-__all__ = ["config_fingerprint", "peer_addresses", "read_views", "run_peer"]
+__all__ = ["PAUSE", "PeerPaused", "config_fingerprint", "peer_addresses", "read_views", "run_peer"]
