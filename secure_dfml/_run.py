@@ -38,6 +38,7 @@ from secure_dfml.rundir import (
     latest_views,
     ledger_file,
     ledgers_dir,
+    open_partial,
     models_dir,
     partial_dir,
     plot_file,
@@ -534,28 +535,11 @@ def run_federation(
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     partial = partial_dir(run_dir)
     with exclusive(run_dir.with_name(f".{run_dir.name}.lock"), f"run directory {run_dir}"):
-        if resume:
-            if not (partial / RUN_META).is_file():
-                raise RunDirectoryError(
-                    f"nothing to resume in {run_dir}: no interrupted run ({partial} has no {RUN_META}); "
-                    "start a new run instead"
-                )
-            run_meta = json.loads((partial / RUN_META).read_text(encoding="utf-8"))
+        run_meta = open_partial(run_dir, resume=resume, overwrite=overwrite, meta_name=RUN_META, what="run")
+        if run_meta is not None:
             cfg = load_config(config_file(partial))
             state_root = run_meta.get("state_root")
         else:
-            if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-                raise RunDirectoryError(
-                    f"{run_dir} already holds results; choose another --out or pass --overwrite to replace them."
-                )
-            if partial.exists():
-                kept = run_dir.with_name(f"{run_dir.name}.crashed-{stamp()}")
-                partial.rename(kept)
-                logger.warning(
-                    "an earlier run into %s stopped before finishing; it is kept (ledgers included) in %s "
-                    "(`secure-dfml run --resume` would have continued it)", run_dir, kept,
-                )
-            fresh_dir(partial)
             run_meta = {"run_id": uuid.uuid4().hex, "state_root": None if state_root is None else str(state_root)}
             write_config(partial, cfg)
             atomic_write_bytes(partial / RUN_META, json.dumps(run_meta, indent=2).encode("utf-8"))

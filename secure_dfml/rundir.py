@@ -27,6 +27,7 @@ TOML, safetensors): nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from secure_dfml._fsutil import fresh_dir, stamp
 from secure_dfml.config import RunConfig, dump_toml, load_config
 from secure_dfml.errors import RunDirectoryError, SecureDFMLError
 from secure_dfml.privacy import atomic_write_bytes, ledger_path
@@ -91,6 +93,8 @@ __all__ = [
     "write_metrics",
     "write_summary",
 ]
+
+logger = logging.getLogger(__name__)
 
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
@@ -187,6 +191,36 @@ def partial_dir(run_dir: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- writers
+def open_partial(run_dir: Path, *, resume: bool, overwrite: bool, meta_name: str, what: str) -> dict[str, Any] | None:
+    """Get ``run_dir``'s partial folder ready for a run (or a launch).
+
+    ``resume``: the interrupted run's metadata (``meta_name`` in the partial
+    folder), or a :class:`RunDirectoryError` when there is none.  Otherwise an
+    empty partial folder and None: finished results are refused unless
+    ``overwrite``, and an interrupted run found there is kept aside as
+    ``<run_dir>.crashed-<time>`` (its ledgers included), never deleted.
+    """
+    partial = partial_dir(run_dir)
+    if resume:
+        if not (partial / meta_name).is_file():
+            raise RunDirectoryError(
+                f"nothing to resume in {run_dir}: no interrupted {what} ({partial} has no {meta_name}); "
+                "start a new one instead"
+            )
+        return dict(json.loads((partial / meta_name).read_text(encoding="utf-8")))
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise RunDirectoryError(f"{run_dir} already holds results; choose another --out or pass --overwrite to replace them.")
+    if partial.exists():
+        kept = run_dir.with_name(f"{run_dir.name}.crashed-{stamp()}")
+        partial.rename(kept)
+        logger.warning(
+            "an earlier %s into %s stopped before finishing; it is kept (ledgers included) in %s "
+            "(--resume would have continued it)", what, run_dir, kept,
+        )
+    fresh_dir(partial)
+    return None
+
+
 def write_config(run_dir: str | Path, cfg: RunConfig) -> Path:
     path = config_file(run_dir)
     atomic_write_bytes(path, dump_toml(cfg).encode("utf-8"))

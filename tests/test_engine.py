@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from secure_dfml import config_from_dict
-from secure_dfml._run import build_federation, run_federation
+from secure_dfml._run import run_federation
 from secure_dfml.errors import ConfigError, RunDirectoryError
 
 BASE = {

@@ -464,7 +464,7 @@ def _analyse_captured(run_dir: Path, cfg: RunConfig, tm: ThreatModel, fed: Any, 
             + (" (one value in all envelopes, a fixed hash of the federation id: it links them to one federation "
                "and confirms any id the eavesdropper guesses)" if len(tags) == 1 else "")
             + ", round, sender, recipient, message kind, padding flag and sizes. From these alone it sees who talks "
-              f"to whom and when: it names each round's aggregators from the models (or CKKS ciphertexts) they "
+              "to whom and when: it names each round's aggregators from the models (or CKKS ciphertexts) they "
               "receive"
             + (f" ({traffic['rounds_with_aggregators_as_recorded']} of {traffic['rounds_recorded']} rounds exactly as "
                "metrics.jsonl records them)." if traffic["rounds_recorded"] else "."),

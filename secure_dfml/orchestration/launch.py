@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from secure_dfml._fsutil import exclusive, fresh_dir, stamp, swap_into_place
+from secure_dfml._fsutil import exclusive, fresh_dir, swap_into_place
 from secure_dfml._run import (
     default_run_dir,
     merge_round,
@@ -38,8 +38,9 @@ from secure_dfml._run import (
     federation_labels_from_config,
 )
 from secure_dfml.config import RunConfig, dump_toml, load_config
+from secure_dfml.rundir import open_partial
 from secure_dfml.crypto import generate_keys, write_keys
-from secure_dfml.errors import RunDirectoryError, TransportError
+from secure_dfml.errors import TransportError
 from secure_dfml.orchestration.peer import DONE, PAUSE, REPORTS, read_views
 from secure_dfml.privacy import atomic_write_bytes, ledger_path
 from secure_dfml.report.plots import plot_accuracy
@@ -204,21 +205,10 @@ def launch_federation(
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     partial = run_dir.with_name(run_dir.name + ".partial")
     with exclusive(run_dir.with_name(f".{run_dir.name}.lock"), f"run directory {run_dir}"):
-        if resume:
-            if not (partial / LAUNCH).is_file():
-                raise RunDirectoryError(f"nothing to resume in {run_dir}: {partial} holds no interrupted launch")
-            meta = json.loads((partial / LAUNCH).read_text(encoding="utf-8"))
+        meta = open_partial(run_dir, resume=resume, overwrite=overwrite, meta_name=LAUNCH, what="launch")
+        if meta is not None:
             cfg = load_config(partial / "config.toml")
         else:
-            if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-                raise RunDirectoryError(
-                    f"{run_dir} already holds results; choose another --out or pass --overwrite to replace them."
-                )
-            if partial.exists():
-                kept = run_dir.with_name(f"{run_dir.name}.crashed-{stamp()}")
-                partial.rename(kept)
-                logger.warning("an earlier launch into %s stopped before finishing; it is kept in %s", run_dir, kept)
-            fresh_dir(partial)
             root = Path(state_root) if state_root is not None else default_state_root(cfg)
             meta = {"run_id": os.urandom(16).hex(), "state_root": str(root.resolve())}
         root = Path(meta["state_root"])
