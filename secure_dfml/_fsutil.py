@@ -78,8 +78,13 @@ def exclusive(lock_path: Path, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``lock_path`` (created if needed) for the block;
     a second process asking for the same lock is refused at once with a clear
     message (the lock is released when the holder exits, even by a crash)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(lock_path, "a+")  # noqa: SIM115 - held for the whole block
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_path, "a+")  # noqa: SIM115 - held for the whole block
+    except OSError as exc:
+        raise RunDirectoryError(
+            f"cannot use {lock_path.parent} for {what}: {exc.strerror or exc}; choose a folder you can write to"
+        ) from None
     try:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -201,6 +201,8 @@ def open_partial(run_dir: Path, *, resume: bool, overwrite: bool, meta_name: str
     ``<run_dir>.crashed-<time>`` (its ledgers included), never deleted.
     """
     partial = partial_dir(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirectoryError(f"--out {run_dir} is a file, not a directory; choose a directory path for the {what}")
     if resume:
         if not (partial / meta_name).is_file():
             raise RunDirectoryError(

@@ -83,3 +83,21 @@ def test_built_in_run_is_private_and_reports_the_cost_of_privacy(tmp_path):
     twin = summary["non_private_twin"]
     assert 0.0 < summary["mean_global_acc"] <= 1.0 and 0.0 < twin["mean_global_acc"] <= 1.0
     assert (out / "ledgers").is_dir()
+
+
+@pytest.mark.parametrize("where", ["file", "uncreatable"])
+def test_bad_out_is_one_line_and_exit_2(tmp_path, where):
+    """--out at an existing file, or where nothing can be created: a one-line error, no traceback."""
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(SMALL)
+    out = tmp_path / "a-file" if where == "file" else tmp_path / "a-file" / "below" / "run"
+    (tmp_path / "a-file").write_text("not a folder")
+    result = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert ("is a file, not a directory" if where == "file" else "cannot use") in result.output
+
+
+def test_resume_without_an_interrupted_run_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["run", "--resume", str(tmp_path / "nothing-here")])
+    assert result.exit_code == 2 and "nothing to resume" in result.output
