@@ -30,7 +30,8 @@ from secure_dfml.crypto import (
     write_keys,
 )
 from secure_dfml.errors import CodecError
-from secure_dfml.protocol._interfaces import Channel, SecureAverager
+from secure_dfml.crypto import SecureAverager
+from secure_dfml.protocol._interfaces import Channel
 
 FED = "fed-chan"
 CTX = {"sender": 0, "recipient": 1, "round_index": 2, "kind": "model"}

@@ -28,7 +28,7 @@ from secure_dfml.crypto._channel import (
     seal_state,
 )
 # TenSEAL itself is imported by _ckks only when CKKS is first used.
-from secure_dfml.crypto._ckks import CKKSAverager, CKKSParams, CKKSRoles, SecureSum
+from secure_dfml.crypto._ckks import CKKSAverager, CKKSParams, CKKSRoles, SecureAverager, SecureSum
 from secure_dfml.crypto._envelope import (
     HEADER_BYTES,
     MAGIC,
@@ -139,6 +139,7 @@ __all__ = [
     "ReplayCache",
     "ReplayError",
     "SecureAggregationError",
+    "SecureAverager",
     "SecureSum",
     "StaleMessageError",
     "TensorSpec",

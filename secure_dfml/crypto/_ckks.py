@@ -1,29 +1,25 @@
 """CKKS secure group averaging (TenSEAL).
 
-Roles in one call (one group, one round):
+The roles, each a separate step of :class:`CKKSRoles` (peer nodes run only
+their own and exchange the bytes as envelope messages, ``protocol/_secure.py``):
 
 * **key holder** -- a peer that is neither the aggregator nor a contributor.
   It creates a *fresh* CKKS context, keeps the secret key, and publishes only
   the public context (public key and parameters; no secret, Galois or
   relinearisation keys: ciphertext + ciphertext and plaintext weighting need
   none of them).
-* **senders (contributors)** -- each deserializes the public context from
-  bytes (as a remote peer would), weights its flattened parameters by
-  ``w_i / sum(w)`` in plaintext, and encrypts them chunk by chunk (one
-  ciphertext per ``poly_modulus_degree / 2`` values).
-* **aggregator** -- deserializes each incoming ciphertext (untrusted bytes:
-  size-checked first, errors typed) and adds it into a running accumulator.
-  It never holds a key that decrypts anything.
-* **key holder** -- decrypts only the accumulated sum, quantises it (see
-  below) and returns the plaintext average to the aggregator.
+* **contributors** -- each loads the public context from bytes, checks its
+  own values fit, weights its flattened parameters by its share ``w_i / W`` in
+  plaintext and encrypts them chunk by chunk (one ciphertext per
+  ``poly_modulus_degree / 2`` values), packed with checked lengths.
+* **aggregator** -- checks each incoming packed ciphertext list (untrusted
+  bytes: sizes first, then parse, errors typed) and adds them.  It never holds
+  a key that decrypts anything.
+* **key holder** -- decrypts only the sum, quantises it (see below) and
+  returns it to the aggregator.
 
-The parameters are streamed in blocks of ``block_chunks`` ciphertexts: memory
-is bounded by one block of accumulators plus one incoming ciphertext,
-whatever the model size or the number of senders.
-
-Every byte that would travel is counted in :attr:`SecureSum.bytes_moved`: the
-public context to each sender and to the aggregator, every sender's
-ciphertexts, the sums to the key holder, and the plaintext average back.
+:meth:`CKKSAverager.weighted_sum` runs all of them in one call (a reference
+for tests and benchmarks) and counts every byte that would travel.
 
 Release quantisation: the raw CKKS decryption carries the encryption noise,
 and publishing it exactly enables the Li--Micciancio passive key-recovery
@@ -43,7 +39,7 @@ import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -56,7 +52,7 @@ from secure_dfml.crypto._errors import (
     SecureAggregationError,
 )
 
-__all__ = ["CKKSAverager", "CKKSParams", "CKKSRoles", "SecureSum"]
+__all__ = ["CKKSAverager", "CKKSParams", "CKKSRoles", "SecureAverager", "SecureSum"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +77,6 @@ class CKKSParams:
     poly_modulus_degree: int = 8192
     coeff_mod_bit_sizes: tuple[int, ...] = (60, 60)
     scale_bits: int = 45
-    block_chunks: int = 32
     release_grid_bits: int = 18
     n_threads: int = 1
 
@@ -102,8 +97,8 @@ class CKKSParams:
             raise SecureAggregationError(
                 f"scale_bits = {self.scale_bits}: expected 20..{bits[0] - 4} (first prime has {bits[0]} bits)"
             )
-        if self.block_chunks < 1 or self.n_threads < 1:
-            raise SecureAggregationError("block_chunks and n_threads must be >= 1")
+        if self.n_threads < 1:
+            raise SecureAggregationError("n_threads must be >= 1")
         if not 8 <= self.release_grid_bits <= 40:
             raise SecureAggregationError("release_grid_bits must be in 8..40")
 
@@ -158,8 +153,26 @@ class _FlatView:
         return out
 
 
+@runtime_checkable
+class SecureAverager(Protocol):
+    """Averages same-architecture models without revealing any single one (in one call)."""
+
+    name: str
+
+    def min_contributors(self) -> int: ...
+
+    def weighted_sum(
+        self,
+        contributions: Sequence[tuple[int, Mapping[str, torch.Tensor], float]],
+        *,
+        aggregator: int,
+        key_holder: int,
+        round_index: int,
+    ) -> SecureSum: ...
+
+
 class CKKSAverager:
-    """:class:`~secure_dfml.protocol._interfaces.SecureAverager` with CKKS.
+    """:class:`SecureAverager` with CKKS.
 
     ``weighted_sum`` runs every role in-process but moves only serialized
     bytes between them, exactly what would travel between machines.
@@ -265,94 +278,48 @@ class CKKSAverager:
         round_index: int,
     ) -> SecureSum:
         """sum_i w_i * state_i and sum_i w_i, with only the sum ever decrypted
-        (by ``key_holder``).  Floating tensors come back in their dtype; other
-        dtypes come back as float64."""
-        import tenseal as ts
-
+        (by ``key_holder``): every role of :class:`CKKSRoles` in one call, moving
+        only the bytes that would travel between them (a reference for tests and
+        benchmarks; peers run the roles as messages, ``protocol/_secure.py``).
+        Floating tensors come back in their dtype; other dtypes as float64."""
         t_start = time.perf_counter()
         contributions = list(contributions)
         names, layout, total_w = self._validate(contributions, aggregator, key_holder)
-        p = self.params
-        slots = p.slots
+        roles = CKKSRoles(self.params)
         numel = int(sum(math.prod(layout[k][0]) for k in names))
-        bytes_moved = 0
-        counts: dict[str, int] = {"context": 0, "ciphertexts": 0, "sums": 0, "result": 0}
-
-        timer = dict.fromkeys(("context", "encrypt", "aggregate", "decrypt"), 0.0)
-        t0 = time.perf_counter()
-        # Key holder: fresh context, public part only leaves it.
-        secret_ctx, public_bytes = self.new_round_context()
-        receivers = {pid for pid, _s, _w in contributions} | {aggregator}
-        counts["context"] = len(public_bytes) * len(receivers)
-
-        # Every sender and the aggregator rebuild the public context from bytes.
-        sender_ctx = {pid: _load_public_context(public_bytes, pid, p) for pid, _s, _w in contributions}
-        agg_ctx = _load_public_context(public_bytes, aggregator, p)
-        views = [(pid, _FlatView(state, names), float(w) / total_w) for pid, state, w in contributions]
-        timer["context"] += time.perf_counter() - t0
-
-        average = np.empty(numel, dtype=np.float64)
-        block = slots * p.block_chunks
-        for b_start in range(0, numel, block):
-            b_end = min(numel, b_start + block)
-            chunks = [(c, min(b_end, c + slots)) for c in range(b_start, b_end, slots)]
-            acc: list[Any] = [None] * len(chunks)
-            for pid, view, w in views:  # contributions arrive one after another
-                ctx = sender_ctx[pid]
-                for j, (lo, hi) in enumerate(chunks):
-                    t0 = time.perf_counter()
-                    wire = ts.ckks_vector(ctx, view.read(lo, hi) * w).serialize()  # sender side
-                    t1 = time.perf_counter()
-                    timer["encrypt"] += t1 - t0
-                    counts["ciphertexts"] += len(wire)
-                    incoming = _load_ciphertext(ts, agg_ctx, wire, hi - lo, pid, p)  # aggregator side
-                    if acc[j] is None:
-                        acc[j] = incoming
-                    else:
-                        try:
-                            acc[j].add_(incoming)
-                        except Exception as exc:  # noqa: BLE001 - untrusted input, typed below
-                            raise CiphertextError(
-                                f"ciphertext from peer {pid} cannot be added ({exc})", peer_id=pid
-                            ) from None
-                    del incoming, wire
-                    timer["aggregate"] += time.perf_counter() - t1
-            for j, (lo, hi) in enumerate(chunks):
-                t0 = time.perf_counter()
-                wire = acc[j].serialize()  # aggregator -> key holder
-                t1 = time.perf_counter()
-                timer["aggregate"] += t1 - t0
-                counts["sums"] += len(wire)
-                acc[j] = None
-                summed = _load_ciphertext(ts, secret_ctx, wire, hi - lo, aggregator, p)
-                average[lo:hi] = np.asarray(summed.decrypt(), dtype=np.float64)
-                timer["decrypt"] += time.perf_counter() - t1
-
-        average = _quantise(average, p.release_grid_bits)
+        secret_ctx, public = roles.new_context()  # key holder
+        payloads = {  # each contributor, from the public bytes only
+            pid: roles.encrypt(roles.load_context(public, pid), state, names, float(w) / total_w, pid)
+            for pid, state, w in contributions
+        }
+        agg_ctx = roles.load_context(public, aggregator)  # aggregator: untrusted bytes in, the sum out
+        for pid, data in payloads.items():
+            roles.check_ciphertexts(agg_ctx, data, numel, pid)
+        summed = roles.add(agg_ctx, payloads, numel)
+        average = roles.decrypt_sum(secret_ctx, summed, numel, aggregator)  # key holder: only the sum
         state_sum: dict[str, torch.Tensor] = {}
         offset = 0
         for k in names:
             shape, dtype = layout[k]
             n = math.prod(shape)
             vals = torch.from_numpy(average[offset : offset + n] * total_w).reshape(shape)
-            out_dtype = dtype if dtype.is_floating_point else torch.float64
-            state_sum[k] = vals.to(out_dtype)
-            counts["result"] += n * state_sum[k].element_size()
+            state_sum[k] = vals.to(dtype if dtype.is_floating_point else torch.float64)
             offset += n
+        counts = {
+            "context": len(public) * (len(payloads) + 1),  # to every contributor and the aggregator
+            "ciphertexts": sum(map(len, payloads.values())),
+            "sums": len(summed),
+            "result": 8 * numel,  # the released sum, float64, back to the aggregator
+        }
         bytes_moved = sum(counts.values())
         seconds = time.perf_counter() - t_start
         self.last_report = {
-            "round": round_index,
-            "aggregator": aggregator,
-            "key_holder": key_holder,
-            "contributors": [pid for pid, _s, _w in contributions],
-            "parameters": numel,
-            "ciphertexts_per_sender": -(-numel // slots),
-            "bytes": dict(counts),
-            "phase_seconds": timer,
-            "seconds": seconds,
+            "round": round_index, "aggregator": aggregator, "key_holder": key_holder,
+            "contributors": list(payloads), "parameters": numel, "ciphertexts_per_sender": roles.chunks(numel),
+            "bytes": counts, "seconds": seconds,
         }
-        logger.debug("CKKS round %d: %s", round_index, self.last_report)
+        logger.debug("CKKS round %d: %d contributors, %d values, %d bytes, %.3f s", round_index, len(payloads), numel,
+                     bytes_moved, seconds)
         return SecureSum(state_sum=state_sum, weight_sum=total_w, bytes_moved=bytes_moved, crypto_seconds=seconds)
 
 

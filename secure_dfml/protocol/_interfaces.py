@@ -7,8 +7,8 @@ plugs in through one of these interfaces instead of forking the loop:
   or DP-SGD with a per-peer ledger and hard budget gate).
 * :class:`Channel` -- how a serialized model is wrapped for the wire
   (plaintext for research, NaCl envelopes by default).
-* :class:`SecureAverager` -- how same-architecture models are averaged when
-  no single peer may see an individual model (CKKS).
+* CKKS roles (:class:`secure_dfml.crypto.CKKSRoles`) -- how same-architecture
+  models are averaged when no single peer may see an individual model.
 """
 
 from __future__ import annotations
@@ -111,35 +111,4 @@ class Channel(Protocol):
     ) -> T:
         """``open`` then ``accept(payload)`` (e.g. the codec's schema check); the
         message counts as received (replay cache) only if both succeed."""
-        ...
-
-
-@dataclass(frozen=True)
-class SecureSum:
-    """Result of a secure weighted sum: only the sum is ever decrypted."""
-
-    state_sum: dict[str, torch.Tensor]
-    weight_sum: float
-    bytes_moved: int
-    crypto_seconds: float
-
-
-@runtime_checkable
-class SecureAverager(Protocol):
-    """Averages same-architecture models without revealing any single one."""
-
-    name: str
-
-    def min_contributors(self) -> int: ...
-
-    def weighted_sum(
-        self,
-        contributions: Sequence[tuple[int, Mapping[str, torch.Tensor], float]],
-        *,
-        aggregator: int,
-        key_holder: int,
-        round_index: int,
-    ) -> SecureSum:
-        """``contributions`` are (peer id, state, weight) of senders; returns
-        sum_i w_i * state_i and sum_i w_i, decrypted by ``key_holder`` only."""
         ...
