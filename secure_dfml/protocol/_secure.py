@@ -25,6 +25,7 @@ decrypted one by one, by design).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -71,13 +72,7 @@ def _names(node: PeerNode, peer: int) -> list[str]:
 
 
 def _numel(node: PeerNode, peer: int) -> int:
-    total = 0
-    for spec in node.directory.schemas[peer].values():
-        n = 1
-        for dim in spec.shape:
-            n *= int(dim)
-        total += n
-    return total
+    return sum(math.prod(spec.shape) for spec in node.directory.schemas[peer].values())
 
 
 def _decode_vector(payload: bytes, numel: int) -> np.ndarray:
@@ -152,9 +147,7 @@ def aggregate(node: PeerNode, group: Group, senders: Sequence[int], include_own:
     avg: dict[str, torch.Tensor] = {}
     offset = 0
     for name, spec in d.schemas[senders[0]].items():
-        n = 1
-        for dim in spec.shape:
-            n *= int(dim)
+        n = math.prod(spec.shape)
         part = flat[offset : offset + n].reshape(tuple(spec.shape))
         if include_own:
             part = part + float(d.num_train[node.peer_id]) * own[name].double()

@@ -257,10 +257,9 @@ class PeerNode:
     def send_payload(self, recipient: int, kind: str, payload: bytes) -> None:
         """Seal ``payload`` for ``recipient`` and send it (a simulated link failure
         loses it after the bytes were spent)."""
-        t0 = time.perf_counter()
-        envelope = self.channel.seal(payload, sender=self.peer_id, recipient=recipient, round_index=self.round_index, kind=kind)
-        with self._lock:
-            self.log.crypto_seconds += time.perf_counter() - t0
+        envelope = self.timed_crypto(
+            lambda: self.channel.seal(payload, sender=self.peer_id, recipient=recipient, round_index=self.round_index, kind=kind)
+        )
         message = Message(self.peer_id, recipient, self.round_index, kind, envelope)
         if link_fails(self.cfg, self.round_index, self.peer_id, recipient, kind):
             logger.info("round %d: %s %d->%d lost (simulated link failure)", self.round_index, kind, self.peer_id, recipient)
@@ -298,21 +297,19 @@ class PeerNode:
                 if m.sender not in pending or m.sender in got:
                     self._reject(m, "unexpected or duplicate message")
                     continue
-                t0 = time.perf_counter()
                 try:
-                    got[m.sender] = self.channel.open_with(
-                        m.data,
-                        lambda payload, s=m.sender: accept(s, payload),
-                        sender=m.sender,
-                        recipient=self.peer_id,
-                        round_index=self.round_index,
-                        kind=kind,
+                    got[m.sender] = self.timed_crypto(
+                        lambda m=m: self.channel.open_with(
+                            m.data,
+                            lambda payload: accept(m.sender, payload),
+                            sender=m.sender,
+                            recipient=self.peer_id,
+                            round_index=self.round_index,
+                            kind=kind,
+                        )
                     )
                 except SecureDFMLError as exc:
                     self._reject(m, str(exc))
-                finally:
-                    with self._lock:
-                        self.log.crypto_seconds += time.perf_counter() - t0
             pending = [s for s in senders if s not in got]
         missing = pending
         if missing:

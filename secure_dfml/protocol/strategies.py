@@ -66,6 +66,7 @@ class Strategy:
     name: str = "strategy"
     needs_homogeneous: bool = False
     uses_server: bool = False
+    averages: bool = False  # averages same-architecture models (so CKKS may protect the sums)
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -95,8 +96,6 @@ class Strategy:
                 yield self.send(node, group)
             if self.averages:
                 yield from _secure.key_holder_programs(node, group)
-
-    averages: bool = False
 
 
 StrategyFactory = Callable[[RunConfig], Strategy]
@@ -277,8 +276,7 @@ class LocalStrategy(Strategy):
     def aggregate(self, node: PeerNode, group: Group) -> Program:
         node.local_train(self.epochs)
         node.report_group(group, {})
-        return
-        yield  # a program that never waits
+        yield from ()  # a program that never waits for a message
 
 
 class GossipAvgStrategy(Strategy):
