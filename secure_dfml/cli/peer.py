@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from secure_dfml import interrupted_config
-from secure_dfml._jsonutil import pct
+from secure_dfml.report import pct
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
 from secure_dfml.cli.run import print_summary
 from secure_dfml.config import default_config, load_config

@@ -37,8 +37,20 @@ from secure_dfml._run import (
     run_summary,
     federation_labels_from_config,
 )
-from secure_dfml.config import RunConfig, dump_toml, load_config
-from secure_dfml.rundir import open_partial
+from secure_dfml.config import RunConfig, dump_toml
+from secure_dfml.rundir import (
+    capture_dir,
+    ledger_file,
+    ledgers_dir,
+    metrics_file,
+    models_dir,
+    open_partial,
+    plot_file,
+    read_config,
+    views_dir,
+    write_config,
+    write_summary,
+)
 from secure_dfml.crypto import generate_keys, write_keys
 from secure_dfml.errors import TransportError
 from secure_dfml.orchestration.peer import DONE, PAUSE, REPORTS, read_views
@@ -207,7 +219,7 @@ def launch_federation(
     with exclusive(run_dir.with_name(f".{run_dir.name}.lock"), f"run directory {run_dir}"):
         meta = open_partial(run_dir, resume=resume, overwrite=overwrite, meta_name=LAUNCH, what="launch")
         if meta is not None:
-            cfg = load_config(partial / "config.toml")
+            cfg = read_config(partial)
         else:
             root = Path(state_root) if state_root is not None else default_state_root(cfg)
             meta = {"run_id": os.urandom(16).hex(), "state_root": str(root.resolve())}
@@ -218,7 +230,7 @@ def launch_federation(
         if keys_dir is not None:
             cfg = cfg.replace(crypto={"keys_dir": str(keys_dir)})
         if not resume:
-            (partial / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")
+            write_config(partial, cfg)
             atomic_write_bytes(partial / LAUNCH, json.dumps(meta, indent=2).encode("utf-8"))
         addresses = list(cfg.network.addresses) or free_tcp_addresses(n)
         peers_config = partial / "peers.toml"
@@ -231,7 +243,7 @@ def launch_federation(
             cfg.dfml.return_timeout + 3 * cfg.dfml.sender_timeout + 120.0
         )
         t0 = time.perf_counter()
-        records = _drive(launcher, plan, partial / "metrics.jsonl", stall, poll_seconds, on_round, on_poll)
+        records = _drive(launcher, plan, metrics_file(partial), stall, poll_seconds, on_round, on_poll)
         summary = _gather(cfg, plan, launcher, partial, run_dir, records, time.perf_counter() - t0, plot)
         swap_into_place(partial, run_dir)
     return summary
@@ -312,30 +324,30 @@ def _gather(
     """Collect what the peers wrote into the run directory's layout."""
     n = launcher.endpoints
     dones = [json.loads((launcher.state_dir(pid) / DONE).read_text(encoding="utf-8")) for pid in range(n)]
-    for sub in ("models", "ledgers", "capture"):
-        fresh_dir(partial / sub)
+    for sub in (models_dir(partial), ledgers_dir(partial), capture_dir(partial)):
+        fresh_dir(sub)
     for pid in range(n):
         sd = launcher.state_dir(pid)
         if pid != plan.directory.server_id:
-            for f in (sd / "models").glob("*.safetensors"):
-                shutil.copyfile(f, partial / "models" / f.name)
+            for f in models_dir(sd).glob("*.safetensors"):
+                shutil.copyfile(f, models_dir(partial) / f.name)
         led = ledger_path(sd, pid)
         if led.is_file():
-            shutil.copyfile(led, partial / "ledgers" / led.name)
-        for f in (sd / "capture").glob("*.env"):
-            shutil.copyfile(f, partial / "capture" / f.name)
-    if not any((partial / "ledgers").iterdir()):
-        (partial / "ledgers").rmdir()
-    save_views(latest_views([read_views(launcher.state_dir(pid)) for pid in range(n)]), plan.directory.archs, partial / "views")
+            shutil.copyfile(led, ledger_file(partial, pid))
+        for f in capture_dir(sd).glob("*.env"):
+            shutil.copyfile(f, capture_dir(partial) / f.name)
+    if not any(ledgers_dir(partial).iterdir()):
+        ledgers_dir(partial).rmdir()
+    save_views(latest_views([read_views(launcher.state_dir(pid)) for pid in range(n)]), plan.directory.archs, views_dir(partial))
     labels = federation_labels_from_config(cfg, plan, dones[0])
     labels["ledger_scope"] = f"lifetime ledgers: every run on a peer's data is charged to its one ledger in {launcher.state_root}"
     labels["run_id"] = launcher.run_id
     labels["transport"] = f"ZeroMQ over TCP, {n} peer processes"
     labels["restarts"] = {str(k): v for k, v in launcher.restarts.items() if v}
     summary = run_summary(cfg, labels, records, run_dir, seconds, sum(int(d["rejected_messages"]) for d in dones))
-    (partial / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_summary(partial, summary)
     (partial / LAUNCH).unlink(missing_ok=True)
     (partial / "peers.toml").unlink(missing_ok=True)
     if plot:
-        plot_accuracy(records, partial / "accuracy.png", title=f"{cfg.federation.algorithm} on {summary['dataset']} (launched)")
+        plot_accuracy(records, plot_file(partial), title=f"{cfg.federation.algorithm} on {summary['dataset']} (launched)")
     return summary

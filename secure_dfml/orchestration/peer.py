@@ -43,7 +43,7 @@ from secure_dfml.crypto import NaClChannel, PlainChannel, load_keys
 from secure_dfml.errors import ConfigError, SecureDFMLError
 from secure_dfml.privacy import atomic_write_bytes
 from secure_dfml.protocol.node import PeerNode
-from secure_dfml.rundir import save_models, save_views
+from secure_dfml.rundir import capture_dir, models_dir, save_models, save_views, views_dir
 from secure_dfml.transport import CaptureTap, ZmqEndpoint
 
 logger = logging.getLogger(__name__)
@@ -133,8 +133,8 @@ def _start_run(state_dir: Path, cfg: RunConfig, run_id: str | None, fresh: bool)
     new_id = run_id or uuid.uuid4().hex
     for name in (CHECKPOINT, REPORTS, DONE):
         (state_dir / name).unlink(missing_ok=True)
-    for name in ("capture", "models", "views"):
-        shutil.rmtree(state_dir / name, ignore_errors=True)
+    for folder in (capture_dir(state_dir), models_dir(state_dir), views_dir(state_dir)):
+        shutil.rmtree(folder, ignore_errors=True)
     atomic_write_bytes(meta_path, json.dumps({"run_id": new_id, "fingerprint": fp}, indent=2).encode("utf-8"))
     return new_id, False
 
@@ -167,7 +167,7 @@ def run_peer(
             bind=addresses[peer_id],
             peers={j: a for j, a in enumerate(addresses) if j != peer_id},
             max_message_bytes=cfg.crypto.max_message_bytes,
-            tap=CaptureTap(state_dir / "capture"),
+            tap=CaptureTap(capture_dir(state_dir)),
         )
         try:
             node = build_node(plan, state, channel=channel, endpoint=endpoint, ledger_dir=state_dir, run_id=rid)
@@ -203,8 +203,8 @@ def _run_node(
         atomic_write_bytes(state_dir / CHECKPOINT, node.checkpoint_bytes())
         if on_round is not None:
             on_round(report)
-    save_models(node.state, state_dir / "models")
-    save_views(node.views, node.directory.archs, state_dir / "views")
+    save_models(node.state, models_dir(state_dir))
+    save_views(node.views, node.directory.archs, views_dir(state_dir))
     final = {
         "peer": node.peer_id,
         "rounds": cfg.federation.rounds,
@@ -222,7 +222,7 @@ def _run_node(
 def read_views(state_dir: Path) -> dict[tuple[str, int], tuple[int, dict[str, Any]]]:
     """The views a peer saved in its state directory, with the round of each."""
     out: dict[tuple[str, int], tuple[int, dict[str, Any]]] = {}
-    for path in sorted((state_dir / "views").glob("*/peer_*.safetensors")):
+    for path in sorted(views_dir(state_dir).glob("*/peer_*.safetensors")):
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
         out[(path.parent.name, int(path.stem.removeprefix("peer_")))] = (int(meta.get("round", -1)), load_file(str(path)))
