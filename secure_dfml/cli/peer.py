@@ -12,13 +12,13 @@ from typing import Annotated, Any, Optional
 import typer
 
 from secure_dfml import interrupted_config
-from secure_dfml.report import pct
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
 from secure_dfml.cli.run import print_summary
 from secure_dfml.config import default_config, load_config
 from secure_dfml.crypto import PASSPHRASE_ENV
 from secure_dfml.orchestration.launch import PAUSED_EXIT, launch_federation
 from secure_dfml.orchestration.peer import PeerPaused, run_peer
+from secure_dfml.report import pct
 
 
 def _stop_on_sigterm() -> None:

@@ -10,9 +10,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from secure_dfml import interrupted_config, run_federation
-from secure_dfml.report import pct
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
 from secure_dfml.config import ALGORITHMS, RunConfig, config_from_dict, default_config, load_config
+from secure_dfml.report import pct
 from secure_dfml.rundir import write_summary
 
 

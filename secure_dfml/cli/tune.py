@@ -9,10 +9,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from secure_dfml.report import pct
 from secure_dfml.cli._common import OutputFormat, console, err_console, friendly_errors, print_json, setup_logging
 from secure_dfml.config import config_from_dict, default_config, load_config
 from secure_dfml.orchestration.tune import TuneEvent, parse_epsilons, point_rows, tune_budgets
+from secure_dfml.report import pct
 
 EPSILONS_HELP = (
     "Comma-separated sweep points. Each: a number (one budget for all peers), 'inf' (non-private), "
