@@ -337,7 +337,12 @@ class RunConfig:
         return dataclasses.replace(self, **updates)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        """The config as plain data (what ``dump_toml`` writes and ``config_from_dict``
+        reads back); a non-private config has no privacy settings but ``enabled``."""
+        plain = _to_plain(self)
+        if not self.privacy.enabled:
+            plain["privacy"] = {"enabled": False}
+        return plain
 
 
 def _to_plain(obj: Any) -> Any:
@@ -433,8 +438,22 @@ def _build(cls: type, raw: Any, path: str) -> Any:
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
-    """Build and validate a :class:`RunConfig` from a plain nested dict."""
-    return _build(RunConfig, raw, "")
+    """Build and validate a :class:`RunConfig` from a plain nested dict.
+
+    Privacy keys mean privacy: a ``[privacy]`` table that sets anything while
+    ``enabled`` is not true is refused (it would otherwise run non-private and
+    look as if the budget applied)."""
+    cfg = _build(RunConfig, raw, "")  # bad values are named first
+    privacy = raw.get("privacy")
+    if isinstance(privacy, Mapping) and privacy.get("enabled") is not True:
+        extra = sorted(str(k) for k in privacy if k != "enabled")
+        if extra:
+            raise ConfigError(
+                f"[privacy] sets {', '.join(extra)} but privacy.enabled is not true: the run would be NON-PRIVATE "
+                "and those keys would have no effect. Add `enabled = true` to [privacy] for a differentially "
+                "private run, or remove them for a non-private one."
+            )
+    return cfg
 
 
 def load_config(path: str | Path) -> RunConfig:

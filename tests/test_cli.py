@@ -101,3 +101,11 @@ def test_bad_out_is_one_line_and_exit_2(tmp_path, where):
 def test_resume_without_an_interrupted_run_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["run", "--resume", str(tmp_path / "nothing-here")])
     assert result.exit_code == 2 and "nothing to resume" in result.output
+
+
+def test_a_non_private_run_says_so_before_it_starts(tmp_path):
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(SMALL)
+    result = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(tmp_path / "run"), "--rounds", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.index("NON-PRIVATE run") < result.output.index("round 1/1")

@@ -52,9 +52,28 @@ def test_load_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
     ok = tmp_path / "ok.toml"
-    ok.write_text('[federation]\npeers = 4\nparticipants = 3\n[privacy.peers.2]\nepsilon = 2.0\n')
+    ok.write_text('[federation]\npeers = 4\nparticipants = 3\n[privacy]\nenabled = true\n[privacy.peers.2]\nepsilon = 2.0\n')
     cfg = load_config(ok)
     assert cfg.federation.peers == 4 and cfg.privacy.peers["2"].epsilon == 2.0
+
+
+@pytest.mark.parametrize(
+    "privacy",
+    ['[privacy]\nepsilon = 2\n', '[privacy.peers.2]\nepsilon = 2.0\n', '[privacy]\nenabled = false\nsecure_mode = true\n'],
+)
+def test_privacy_keys_without_privacy_enabled_are_refused(tmp_path, privacy):
+    """A budget that silently does nothing is worse than an error: the run would be non-private."""
+    path = tmp_path / "c.toml"
+    path.write_text("[federation]\npeers = 4\nparticipants = 3\n" + privacy)
+    with pytest.raises(ConfigError, match=r"privacy.enabled is not true.*enabled = true"):
+        load_config(path)
+
+
+def test_a_non_private_config_round_trips_without_privacy_settings():
+    cfg = config_from_dict({"privacy": {"enabled": True, "epsilon": 2.0}}).replace(privacy={"enabled": False})
+    text = dump_toml(cfg)
+    assert "[privacy]\nenabled = false\n\n" in text
+    assert config_from_dict(tomllib.loads(text)).privacy.enabled is False
 
 
 def test_configs_are_frozen():

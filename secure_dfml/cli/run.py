@@ -131,6 +131,12 @@ def run(
         raw["federation"].update(overrides)
         cfg = config_from_dict(raw)
     total = cfg.federation.rounds
+    if not cfg.privacy.enabled and format is not OutputFormat.json:
+        console.print(
+            "NON-PRIVATE run: differential privacy is off in this config (add [privacy] enabled = true for DP); "
+            "models still travel in envelopes, but what they learned is not protected.",
+            highlight=False, markup=False,
+        )
     plain = not console.is_terminal  # CI, logs, nohup: one plain line per round instead of a live bar
     with Progress(
         TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
