@@ -268,6 +268,7 @@ class CryptoConfig:
     secure_aggregation: Literal["none", "ckks"] = "none"
     pad_messages: bool = False
     keys_dir: str | None = None
+    allow_exposed_keys: bool = False  # load private key files other users can read (refused by default)
     max_message_bytes: int = 256 * 1024 * 1024
 
     def validate(self, path: str) -> None:

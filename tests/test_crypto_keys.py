@@ -131,11 +131,13 @@ def test_missing_files_are_clear(tmp_path):
 
 
 @posix_only
-def test_bad_permissions_warn(tmp_path, caplog):
+def test_exposed_private_keys_are_refused_unless_the_user_opts_in(tmp_path, caplog):
     write_keys(tmp_path, generate_keys(1, FED))
     os.chmod(private_key_path(tmp_path, 0), 0o644)
+    with pytest.raises(KeyFileError, match=r"chmod 600.*allow_exposed_keys"):
+        load_keys(tmp_path)
     with caplog.at_level(logging.WARNING):
-        kr = load_keys(tmp_path)
+        kr = load_keys(tmp_path, allow_exposed_keys=True)
     assert kr.warnings and "chmod 600" in kr.warnings[0] and "chmod 600" in caplog.text
 
 

@@ -540,7 +540,7 @@ def build_channel(
     if cfg.keys_dir:
         if passphrase is None:
             passphrase = os.environ.get(PASSPHRASE_ENV) or None
-        keyring = load_keys(cfg.keys_dir, passphrase=passphrase, peers=wanted)
+        keyring = load_keys(cfg.keys_dir, passphrase=passphrase, peers=wanted, allow_exposed_keys=cfg.allow_exposed_keys)
         if keyring.federation_id != federation_id:
             raise KeyMismatchError(
                 f"keys in {cfg.keys_dir} belong to federation {keyring.federation_id!r}, "

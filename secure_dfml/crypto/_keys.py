@@ -381,13 +381,15 @@ def load_keys(
     *,
     passphrase: str | bytes | None = None,
     peers: Iterable[int] | None = None,
+    allow_exposed_keys: bool = False,
 ) -> KeyRing:
     """Load the directory and private keys from a folder written by
     :func:`write_keys`.
 
     ``peers``: the identities that must be present (error if one is missing);
-    ``None`` loads every ``peer-<id>.key`` found.  Private files readable by
-    group/others are loaded but reported (logged and in ``KeyRing.warnings``).
+    ``None`` loads every ``peer-<id>.key`` found.  A private file readable by
+    group/others is refused, unless ``allow_exposed_keys`` (then it is logged
+    and listed in ``KeyRing.warnings``).
     """
     d = Path(directory)
     if not d.is_dir():
@@ -408,6 +410,11 @@ def load_keys(
                 continue
             raise KeyFileError(f"missing private key file {path} for peer {pid}")
         warn = _permission_warning(path)
+        if warn and not allow_exposed_keys:
+            raise KeyFileError(
+                f"{warn}. Refusing to use a private key other users can read (like ssh); fix the mode, or opt in "
+                "explicitly with crypto.allow_exposed_keys = true"
+            )
         if warn:
             logger.warning(warn)
             warnings.append(warn)

@@ -104,7 +104,7 @@ def _peer_channel(cfg: RunConfig, peer_id: int, keys_dir: Path | None, passphras
             "a real peer needs its keys: pass --keys DIR (written by `secure-dfml keys init --peers N --out DIR`) "
             "or set crypto.keys_dir"
         )
-    keyring = load_keys(keys_dir, passphrase=passphrase, peers=[peer_id])
+    keyring = load_keys(keys_dir, passphrase=passphrase, peers=[peer_id], allow_exposed_keys=crypto.allow_exposed_keys)
     if keyring.federation_id != cfg.federation.id:
         raise ConfigError(
             f"keys in {keys_dir} belong to federation {keyring.federation_id!r}, but the config is federation "

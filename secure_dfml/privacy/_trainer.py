@@ -64,7 +64,10 @@ from secure_dfml.protocol.schedule import lr_at
 logger = logging.getLogger(__name__)
 
 RESEARCH_GRADE_LABEL = "research-grade (seeded RNG: reproducible, NOT for deployment)"
-SECURE_LABEL = "secure (noise and sampling from the OS CSPRNG; seeds refused)"
+SECURE_LABEL = (
+    "secure mode (DP noise and sampling from the OS CSPRNG; the seed fixes only the public split, selection and "
+    "initialisation)"
+)
 
 
 _warned: list[bool] = []
