@@ -481,6 +481,17 @@ def _restore_all(fed: Federation, checkpoints: Path) -> int:
     return done.pop()
 
 
+def _spent_anything(ledgers: Path) -> bool:
+    """Whether any ledger in ``ledgers`` holds a charged mechanism."""
+    for path in ledgers.glob("*.json"):
+        try:
+            if json.loads(path.read_text(encoding="utf-8")).get("entries"):
+                return True
+        except (OSError, ValueError):
+            return True  # unreadable: keep it
+    return False
+
+
 def _archive_ledgers(ledgers: Path, archive_root: Path, why: str) -> None:
     """Move a run's ledgers into ``archive_root`` (spent budget is never deleted)."""
     if not any(ledgers.glob("*.json")):
@@ -544,9 +555,14 @@ def run_federation(
             write_config(partial, cfg)
             atomic_write_bytes(partial / RUN_META, json.dumps(run_meta, indent=2).encode("utf-8"))
         run_id = run_meta["run_id"]
-        fed = build_federation(
-            cfg, ledger_dir=ledgers_dir(partial), run_id=run_id, state_root=state_root, capture_dir=capture_dir(partial)
-        )
+        try:
+            fed = build_federation(
+                cfg, ledger_dir=ledgers_dir(partial), run_id=run_id, state_root=state_root, capture_dir=capture_dir(partial)
+            )
+        except BaseException:
+            if not resume and not _spent_anything(ledgers_dir(partial)):
+                shutil.rmtree(partial, ignore_errors=True)  # nothing ran: leave no empty partial folder behind
+            raise
         fed.labels["ledger_scope"] = RESEARCH_LEDGERS if state_root is None else LIFETIME_LEDGERS.format(state_root)
         fed.labels["run_id"] = run_id
         start = _restore_all(fed, partial / CHECKPOINTS) if resume else 0

@@ -133,3 +133,29 @@ def test_a_second_process_into_the_same_run_directory_is_refused(tmp_path):
 def test_resume_without_an_interrupted_run_is_a_clear_error(tmp_path):
     with pytest.raises(RunDirectoryError, match="nothing to resume"):
         run_federation(cfg_with(), tmp_path / "none", plot=False, resume=True)
+
+
+def test_a_run_that_fails_before_training_leaves_no_partial_folder(tmp_path):
+    bad = cfg_with(federation={"algorithm": "gossip-avg"})  # heterogeneous models: refused before training
+    with pytest.raises(Exception, match="same architecture"):
+        run_federation(bad, tmp_path / "run", plot=False)
+    assert not list(tmp_path.iterdir()) or [p.name for p in tmp_path.iterdir()] == [".run.lock"]
+
+
+def test_budget_show_names_an_interrupted_run_beside_the_run_directory(tmp_path):
+    from typer.testing import CliRunner
+
+    from secure_dfml.cli.main import app
+
+    cfg = cfg_with(federation={"rounds": 2})
+
+    def stop(record):
+        raise Stop
+
+    with pytest.raises(Stop):
+        run_federation(cfg, tmp_path / "run", plot=False, on_round=stop)
+    run_federation(cfg, tmp_path / "run", plot=False)  # a new run keeps the interrupted one aside
+    crashed = list(tmp_path.glob("run.crashed-*"))
+    assert len(crashed) == 1 and list((crashed[0] / "ledgers").glob("peer_*.json"))
+    result = CliRunner().invoke(app, ["budget", "show", str(tmp_path / "run")])
+    assert result.exit_code == 0 and "interrupted run" in result.output and crashed[0].name in result.output

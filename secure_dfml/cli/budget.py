@@ -155,3 +155,9 @@ def show(
             f"[{style}]{status}[/]",
         )
     console.print(table)
+    run = Path(run_dir)
+    for other in sorted(run.parent.glob(f"{run.name}.crashed-*")) + [p for p in [run.with_name(run.name + ".partial")] if p.is_dir()]:
+        console.print(
+            f"note: {other} holds an interrupted run into {run.name}; its ledgers spent budget too "
+            f"(`secure-dfml budget show {other}`)", highlight=False, markup=False, soft_wrap=True,
+        )
