@@ -369,6 +369,7 @@ def build_federation(
     run_id: str = "",
     state_root: str | Path | None = None,
     capture_dir: Path | None = None,
+    passphrase: str | None = None,
 ) -> Federation:
     """Load data, partition it, and build one node per peer over an in-memory
     transport.  Raises a clear error for any inconsistency before a single
@@ -379,7 +380,7 @@ def build_federation(
     dataset, split = plan.dataset, plan.split
     f = cfg.federation
     endpoints = len(plan.directory.archs)
-    channel, channel_description = build_channel(cfg.crypto, federation_id=f.id, num_peers=endpoints)
+    channel, channel_description = build_channel(cfg.crypto, federation_id=f.id, num_peers=endpoints, passphrase=passphrase)
     hub = InMemoryTransport(tap=None if capture_dir is None else CaptureTap(capture_dir))
     states = [plan.peer_state(i, peer_data_hook if i < f.peers else None) for i in range(endpoints)]
     if peer_data_hook is not None:  # the hook may change a peer's size: declare what it trains on
@@ -526,6 +527,7 @@ def run_federation(
     plot: bool = True,
     resume: bool = False,
     state_root: str | Path | None = None,
+    passphrase: str | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` (the in-process simulation of every peer node) and write its
     run directory; returns the summary dict.
@@ -557,7 +559,8 @@ def run_federation(
         run_id = run_meta["run_id"]
         try:
             fed = build_federation(
-                cfg, ledger_dir=ledgers_dir(partial), run_id=run_id, state_root=state_root, capture_dir=capture_dir(partial)
+                cfg, ledger_dir=ledgers_dir(partial), run_id=run_id, state_root=state_root,
+                capture_dir=capture_dir(partial), passphrase=passphrase,
             )
         except BaseException:
             if not resume and not _spent_anything(ledgers_dir(partial)):

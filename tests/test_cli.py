@@ -109,3 +109,20 @@ def test_a_non_private_run_says_so_before_it_starts(tmp_path):
     result = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(tmp_path / "run"), "--rounds", "1"])
     assert result.exit_code == 0, result.output
     assert result.output.index("NON-PRIVATE run") < result.output.index("round 1/1")
+
+
+def test_run_reads_sealed_keys_with_a_passphrase_file(tmp_path):
+    keys = tmp_path / "keys"
+    pw = tmp_path / "pw.txt"
+    pw.write_text("correct horse battery staple\n")
+    init = runner.invoke(app, ["keys", "init", "--peers", "4", "--out", str(keys), "--federation", "sealed",
+                               "--passphrase-file", str(pw), "--kdf", "interactive"])
+    assert init.exit_code == 0, init.output
+    cfg = tmp_path / "sealed.toml"
+    cfg.write_text(SMALL.replace("[federation]\n", '[federation]\nid = "sealed"\n') + f'[crypto]\nkeys_dir = "{keys}"\n')
+    missing = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(tmp_path / "a"), "--rounds", "1"])
+    assert missing.exit_code == 2
+    assert "--passphrase-file" in missing.output and "SECURE_DFML_KEY_PASSPHRASE" in missing.output
+    ok = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(tmp_path / "b"), "--rounds", "1",
+                             "--passphrase-file", str(pw)])
+    assert ok.exit_code == 0, ok.output

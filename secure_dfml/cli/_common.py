@@ -5,16 +5,19 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from secure_dfml.errors import SecureDFMLError
+from secure_dfml.crypto import PASSPHRASE_ENV
+from secure_dfml.errors import ConfigError, SecureDFMLError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -59,3 +62,14 @@ def friendly_errors(fn: F) -> F:
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def read_passphrase(path: Path | None) -> str | None:
+    """The key passphrase from ``--passphrase-file`` (one line), else from
+    ``$SECURE_DFML_KEY_PASSPHRASE``, else None."""
+    if path is None:
+        return os.environ.get(PASSPHRASE_ENV) or None
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\n")
+    except OSError as exc:
+        raise ConfigError(f"--passphrase-file {path} cannot be read: {exc.strerror or exc}") from None

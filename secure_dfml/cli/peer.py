@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from secure_dfml import interrupted_config
-from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
+from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, read_passphrase, setup_logging
 from secure_dfml.cli.run import print_summary
 from secure_dfml.config import default_config, load_config
 from secure_dfml.crypto import PASSPHRASE_ENV
@@ -28,12 +27,6 @@ def _stop_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
-
-
-def _read_passphrase(path: Path | None) -> str | None:
-    if path is None:
-        return os.environ.get(PASSPHRASE_ENV) or None
-    return path.read_text(encoding="utf-8").rstrip("\n")
 
 
 @friendly_errors
@@ -66,7 +59,7 @@ def peer(
 
     try:
         run_peer(
-            cfg, peer_id, state_dir=state, keys_dir=keys_dir, passphrase=_read_passphrase(passphrase_file),
+            cfg, peer_id, state_dir=state, keys_dir=keys_dir, passphrase=read_passphrase(passphrase_file),
             run_id=run_id, fresh=fresh, on_round=on_round,
         )
     except PeerPaused as exc:

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from secure_dfml import interrupted_config, run_federation
-from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
+from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, read_passphrase, setup_logging
 from secure_dfml.config import ALGORITHMS, RunConfig, config_from_dict, default_config, load_config
 from secure_dfml.report import pct
 from secure_dfml.rundir import write_summary
@@ -111,10 +111,15 @@ def run(
         Optional[Path],
         typer.Option("--state", help="Keep each peer's lifetime ledger in DIR/peer_XXX (default: per-run ledgers)."),
     ] = None,
+    passphrase_file: Annotated[
+        Optional[Path],
+        typer.Option("--passphrase-file", help="File with the passphrase of sealed keys (crypto.keys_dir)."),
+    ] = None,
     format: Annotated[OutputFormat, typer.Option("--format", help="table or json (the summary).")] = OutputFormat.table,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log protocol events.")] = False,
 ) -> None:
-    """Train a federation (DFML or a baseline) and write a run directory."""
+    """Train a federation (DFML or a baseline) and write a run directory.
+    Sealed keys: --passphrase-file FILE or $SECURE_DFML_KEY_PASSPHRASE."""
     setup_logging(verbose)
     if resume is not None:
         cfg = load_config(interrupted_config(resume))
@@ -158,7 +163,8 @@ def run(
             progress.update(task[0], advance=1, status=status)
 
         summary = run_federation(
-            cfg, out, overwrite=overwrite, on_round=on_round, resume=resume is not None, state_root=state
+            cfg, out, overwrite=overwrite, on_round=on_round, resume=resume is not None, state_root=state,
+            passphrase=read_passphrase(passphrase_file),
         )
         if compare_non_private is None:
             compare_non_private = config is None and resume is None

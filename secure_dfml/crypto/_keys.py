@@ -441,7 +441,10 @@ def _read_private(
         secret = doc
     elif protection == "argon2id-secretbox":
         if pw is None:
-            raise PassphraseRequiredError(f"{path} is sealed with a passphrase; provide it (--passphrase-file)")
+            raise PassphraseRequiredError(
+                f"{path} is sealed with a passphrase; provide it with --passphrase-file FILE (secure-dfml run, "
+                "peer) or the SECURE_DFML_KEY_PASSPHRASE environment variable"
+            )
         secret = _unseal(path, doc, pw, key_cache)
         if secret.get("peer_id") != pid or secret.get("federation_id") != federation_id:
             raise KeyMismatchError(f"{path}: sealed content belongs to another peer or federation")
