@@ -29,6 +29,11 @@ def _require(cond: bool, path: str, value: object, allowed: str) -> None:
         raise ConfigError(f"{path} = {value!r} is invalid: expected {allowed}.")
 
 
+#: Largest ``federation.rounds``: selection and DP planning walk the public
+#: schedule round by round, so a bound up front beats a silent hang.
+MAX_ROUNDS = 100_000
+
+
 @dataclass(frozen=True, kw_only=True)
 class FederationConfig:
     """Who takes part and for how long."""
@@ -45,7 +50,12 @@ class FederationConfig:
     def validate(self, path: str) -> None:
         _require(bool(self.id), f"{path}.id", self.id, "a non-empty string")
         _require(self.peers >= 2, f"{path}.peers", self.peers, "an integer >= 2")
-        _require(self.rounds >= 1, f"{path}.rounds", self.rounds, "an integer >= 1")
+        _require(
+            1 <= self.rounds <= MAX_ROUNDS,
+            f"{path}.rounds",
+            self.rounds,
+            f"an integer between 1 and {MAX_ROUNDS} (every peer walks the public schedule round by round)",
+        )
         _require(
             2 <= self.participants <= self.peers,
             f"{path}.participants",

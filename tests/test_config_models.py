@@ -29,6 +29,7 @@ def test_default_config_round_trips_through_toml():
         ({"data": {"partition": "random"}}, "'iid', 'dirichlet', 'shards'"),
         ({"dfml": {"temperature": 0}}, "dfml.temperature"),
         ({"federation": {"rounds": "ten"}}, "expected an integer"),
+        ({"federation": {"rounds": 10**12}}, "federation.rounds = 1000000000000 is invalid: expected an integer between 1 and 100000"),
         ({"crypto": {"channel": "none"}}, "allow_insecure"),
         ({"privacy": {"epsilon": -1}}, "privacy.epsilon"),
         ({"privacy": {"peers": {"x": {"epsilon": 1.0}}}}, "peer ids as integers"),
