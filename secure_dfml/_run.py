@@ -23,7 +23,7 @@ from secure_dfml.crypto import build_channel, build_ckks_roles, schema_of
 from secure_dfml.data import ArrayDataset, FederatedSplit, load_dataset, split_from_config
 from secure_dfml.errors import ConfigError, RunDirectoryError
 from secure_dfml.models import build_model, resolve_architectures
-from secure_dfml.privacy import DPTrainer, atomic_write_bytes, build_trainer, ledger_path
+from secure_dfml.privacy import ADJACENCY, DPTrainer, atomic_write_bytes, build_trainer, ledger_path
 from secure_dfml.protocol._interfaces import PeerState
 from secure_dfml.protocol._train import PlainTrainer
 from secure_dfml.protocol.node import PeerNode, PublicDirectory, merge_round, run_round_simulated
@@ -343,6 +343,8 @@ def federation_labels(
             else "NON-PRIVATE: no differential privacy (privacy.enabled = false)"
         ),
     }
+    if private:
+        labels["privacy_adjacency"] = ADJACENCY
     if not channel_secure:
         labels["warning"] = "INSECURE: models travel in clear (crypto.channel = none)"
     return labels

@@ -276,3 +276,10 @@ def test_an_untouched_chained_ledger_loads_and_resumes(tmp_path):
     again = PrivacyLedger.load(path)
     assert [e.run for e in again.entries] == ["run-a"] * 3 + ["run-b"]
     assert again.entries[3].prev == again.entries[2].hash and again.head_hash == again.entries[3].hash
+
+
+def test_every_ledger_and_summary_states_its_neighbouring_relation(tmp_path):
+    path = _chained_ledger(tmp_path)
+    raw = json.loads(path.read_text())
+    assert raw["adjacency"].startswith("add/remove-one") and "public" in raw["adjacency"]
+    assert PrivacyLedger.load(path).summary()["adjacency"] == raw["adjacency"]

@@ -40,6 +40,7 @@ from secure_dfml.privacy._errors import (
     PrivacyValidationError,
 )
 from secure_dfml.privacy._ledger import (
+    ADJACENCY,
     LedgerEntry,
     PrivacyLedger,
     atomic_write_bytes,
@@ -61,6 +62,7 @@ from secure_dfml.privacy._trainer import RESEARCH_GRADE_LABEL, SECURE_LABEL, DPT
 from secure_dfml.privacy._validate import validate_model
 
 __all__ = [
+    "ADJACENCY",
     "ACCOUNTANTS",
     "GRAD_SAMPLE_MODES",
     "RESEARCH_GRADE_LABEL",

@@ -59,6 +59,16 @@ from secure_dfml.privacy._errors import BudgetExceededError, LedgerError, Privac
 
 logger = logging.getLogger(__name__)
 
+#: The neighbouring relation every epsilon here is for (the one Opacus' RDP and PRV
+#: accountants analyse for the Poisson-subsampled Gaussian).  The sample rate
+#: q = batch / n uses the peer's *declared* record count, which is public (the
+#: peer directory), so q does not depend on the private data set; a replacement
+#: (replace-one) is a removal plus an addition and is not accounted separately.
+ADJACENCY = (
+    "add/remove-one: neighbouring data sets differ by one record of this peer; the peer's record count n is "
+    "public (declared), so the sampling rate batch/n reveals nothing"
+)
+
 LEDGER_FORMAT = "secure-dfml-ledger"
 LEDGER_VERSION = 2  # 2: entries are hash-chained (prev, hash) and carry their run id
 PHASES: tuple[str, ...] = ("local", "mutual", "class_prior")
@@ -276,6 +286,7 @@ class PrivacyLedger:
             "accountant": self.accountant,
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
+            "adjacency": ADJACENCY,
             "entries": [asdict(e) for e in self._entries],
             "head_hash": self.head_hash,
             "spent_epsilon": self.spent_epsilon,
@@ -385,6 +396,7 @@ class PrivacyLedger:
         for e in self._entries:
             phases[e.phase] = phases.get(e.phase, 0) + 1
         return {
+            "adjacency": ADJACENCY,
             "peer_id": self.peer_id,
             "epsilon_spent": self.spent_epsilon,
             "epsilon_target": self.target_epsilon,
