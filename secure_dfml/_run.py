@@ -442,7 +442,25 @@ def run_summary(
         "rejected_messages": rejected_messages,
         "wall_seconds": seconds,
         "peers": {pid: dict(entry) for pid, entry in last["peers"].items()},
+        "warnings": training_warnings(last, int(labels.get("num_classes") or 0)),
     }
+
+
+def training_warnings(last: Mapping[str, Any], num_classes: int) -> list[str]:
+    """Peers whose model diverged (non-finite weights) or ends no better than chance
+    on the global test set: a model that did not train should never pass silently."""
+    out = []
+    chance = 1.0 / num_classes if num_classes else 0.0
+    for pid, entry in last["peers"].items():
+        if entry.get("diverged"):
+            out.append(f"peer {pid} ({entry.get('arch')}): its weights became non-finite (training diverged); "
+                       "lower dfml.lr or raise dfml.batch_size")
+        elif chance and entry.get("global_acc") is not None and entry["global_acc"] <= 1.2 * chance:
+            out.append(f"peer {pid} ({entry.get('arch')}): global accuracy {100 * entry['global_acc']:.1f}% is at chance "
+                       f"({100 * chance:.1f}%); the model did not learn (check dfml.lr, the rounds, or the budget)")
+    for w in out:
+        logger.warning(w)
+    return out
 
 
 def peer_state_dir(state_root: str | Path, peer_id: int) -> Path:

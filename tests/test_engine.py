@@ -168,3 +168,13 @@ def test_ckks_secure_averaging_matches_plaintext_averaging(tmp_path):
         a, b = load_file(str(f)), load_file(str(tmp_path / "ckks" / "models" / f.name))
         for k in a:
             assert torch.linalg.norm(a[k] - b[k]) <= 1e-4 * max(1.0, float(torch.linalg.norm(a[k]))), (f.name, k)
+
+
+def test_a_model_that_does_not_train_is_flagged(tmp_path):
+    """lr far too large: the mlp diverges or stays at chance, and the run says so (never silently)."""
+    cfg = cfg_with(federation={"rounds": 2, "peers": 3, "participants": 3}, models={"mix": ["mlp"]},
+                   dfml={"lr": 1e4, "local_epochs": 1, "ml_epochs": 1})
+    s = run_federation(cfg, tmp_path / "run", plot=False)
+    assert s["warnings"] and any("diverged" in w or "at chance" in w for w in s["warnings"])
+    fine = run_federation(cfg_with(federation={"rounds": 3}), tmp_path / "ok", plot=False)
+    assert not any("diverged" in w for w in fine["warnings"])

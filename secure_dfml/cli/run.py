@@ -178,3 +178,5 @@ def run(
         print_summary(summary)
         if summary.get("ledger_scope"):
             console.print(f"ledgers: {summary['ledger_scope']}", highlight=False, markup=False)
+        for warning in summary.get("warnings", []):
+            console.print(f"WARNING: {warning}", style="bold red", highlight=False, markup=False)

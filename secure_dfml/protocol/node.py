@@ -457,6 +457,9 @@ class PeerNode:
                 )
             entry["peak_global_acc"], entry["peak_local_acc"] = p.peak_metrics
             entry["peak_round"] = p.peak_round
+        if not all(bool(torch.isfinite(v).all()) for v in p.model.state_dict().values() if v.is_floating_point()):
+            entry["diverged"] = True
+            logger.warning("round %d: peer %d's model has non-finite weights (training diverged)", t, self.peer_id)
         entry.update(self.trainer.peer_status(self.peer_id))
         self.completed_rounds = t + 1
         return {
