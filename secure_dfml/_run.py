@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from secure_dfml._fsutil import current_generation, exclusive, fresh_dir, stamp, swap_dir_atomically, swap_into_place
+from secure_dfml.certify._manifest import write_manifest
 from secure_dfml.config import DataConfig, RunConfig, load_config
 from secure_dfml.crypto import build_channel, build_ckks_roles, schema_of
 from secure_dfml.data import ArrayDataset, FederatedSplit, load_dataset, split_from_config
@@ -618,5 +619,6 @@ def run_federation(
         (partial / RUN_META).unlink()
         if run_dir.exists() and state_root is None:
             _archive_ledgers(ledgers_dir(run_dir), run_dir.with_name(run_dir.name + ".ledger-archive"), "overwritten")
+        write_manifest(partial)
         swap_into_place(partial, run_dir)
     return summary

@@ -2,6 +2,7 @@
 
     secure-dfml keys init --peers 10 --out keys/ [--federation ID] [--passphrase-file FILE]
     secure-dfml keys show keys/ [--format table|json]
+    secure-dfml keys init --auditor --out auditor/   (auditor.key, 0600, and auditor.pub: hex Ed25519 keys)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from secure_dfml.certify import write_auditor_key
 from secure_dfml.cli._common import OutputFormat, console, err_console, friendly_errors, print_json
 from secure_dfml.crypto import (
     DIRECTORY_FILE,
@@ -56,7 +58,7 @@ def _read_passphrase(path: Path) -> str:
 @app.command("init")
 @friendly_errors
 def init(
-    peers: int = typer.Option(..., "--peers", min=1, help="Number of peers (ids 0..N-1)."),
+    peers: int | None = typer.Option(None, "--peers", min=1, help="Number of peers (ids 0..N-1); required unless --auditor."),
     out: Path = typer.Option(..., "--out", help="Folder to write directory.json and peer-<id>.key files to."),
     federation: str = typer.Option("secure-dfml-demo", "--federation", help="Federation id (must match the run's federation.id)."),
     passphrase_file: Path | None = typer.Option(
@@ -67,8 +69,26 @@ def init(
     ),
     force: bool = typer.Option(False, "--force", help="Replace existing key files."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="Output format."),
+    auditor: bool = typer.Option(
+        False, "--auditor", help="Create an auditor signing key for certificates instead: auditor.key (0600) and auditor.pub."
+    ),
 ) -> None:
-    """Create per-peer keys and the public peer directory."""
+    """Create per-peer keys and the public peer directory (or, with --auditor, an auditor key)."""
+    if auditor:
+        if peers is not None:
+            raise KeyFileError("--auditor creates one auditor key; drop --peers")
+        key_path, pub_path = write_auditor_key(out, overwrite=force)
+        if fmt is OutputFormat.json:
+            print_json({"auditor_key": str(key_path), "auditor_public_key": str(pub_path),
+                        "public_key": pub_path.read_text(encoding="ascii").strip()})
+            return
+        console.print(
+            f"wrote {key_path} (private, mode 0600: keep it with the auditor only) and {pub_path} "
+            "(public: give it to whoever verifies certificates). Both hold a 32-byte Ed25519 key as 64 hex digits."
+        )
+        return
+    if peers is None:
+        raise KeyFileError("--peers N is required (or pass --auditor for an auditor key)")
     if kdf not in ("interactive", "moderate", "sensitive"):
         raise KeyFileError(f"--kdf {kdf!r}: expected interactive, moderate or sensitive")
     passphrase = _read_passphrase(passphrase_file) if passphrase_file is not None else None

@@ -8,6 +8,7 @@ import typer
 
 from secure_dfml.cli import budget, keys
 from secure_dfml.cli.audit import audit
+from secure_dfml.cli.certify import certify, verify
 from secure_dfml.cli.peer import launch, peer
 from secure_dfml.cli.run import run
 from secure_dfml.cli.tune import tune
@@ -28,6 +29,8 @@ app.command("audit")(audit)
 app.command("tune")(tune)
 app.command("peer")(peer)
 app.command("launch")(launch)
+app.command("certify")(certify)
+app.command("verify")(verify)
 app.add_typer(keys.app, name="keys", help="Create and inspect per-peer signing and box keys.")
 app.add_typer(budget.app, name="budget", help="Plan privacy budgets and inspect ledgers.")
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from secure_dfml._fsutil import exclusive, fresh_dir, swap_into_place
+from secure_dfml.certify._manifest import write_manifest
 from secure_dfml._run import (
     default_run_dir,
     merge_round,
@@ -245,6 +246,7 @@ def launch_federation(
         t0 = time.perf_counter()
         records = _drive(launcher, plan, metrics_file(partial), stall, poll_seconds, on_round, on_poll)
         summary = _gather(cfg, plan, launcher, partial, run_dir, records, time.perf_counter() - t0, plot)
+        write_manifest(partial)
         swap_into_place(partial, run_dir)
     return summary
 
