@@ -24,7 +24,6 @@ from secure_dfml.certify import (
     read_manifest,
     requirements_from_dict,
     verify,
-    write_auditor_key,
 )
 from secure_dfml.cli.main import app
 from secure_dfml.privacy import compute_epsilon
@@ -67,6 +66,13 @@ def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def base_insecure(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("certify-insecure") / "run"
     run_federation(_cfg(crypto={"channel": "none", "allow_insecure": True}, privacy={"enabled": False}), out, plot=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_ckks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("certify-ckks") / "run"
+    run_federation(_cfg(crypto={"secure_aggregation": "ckks"}), out, plot=False)
     return out
 
 
@@ -226,6 +232,18 @@ def test_insecure_channel_and_non_private(base_insecure: Path, key: nacl.signing
     assert row["status"] == "FAIL" and "never certified" in row["reason"]
 
 
+def test_ckks_run_passes_and_none_edited_in_is_caught(base_ckks: Path, key: nacl.signing.SigningKey, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(base_ckks, run)
+    assert check_run(run) == []
+    cert = certify(run, _req(exchange={"secure_aggregation_required": True}), key)
+    assert cert["certified"], [r for r in cert["results"] if r["status"] == "FAIL"]
+    cfg = (run / "config.toml").read_text()
+    (run / "config.toml").write_text(cfg.replace('secure_aggregation = "ckks"', 'secure_aggregation = "none"'))
+    findings = check_run(run)
+    assert any(f.check == "secure-aggregation" and "secure sums" in f.problem for f in findings), findings
+
+
 # ----------------------------------------------------------------------------- tampering
 def _assert_tamper(run: Path, key: nacl.signing.SigningKey, check: str, artifact: str) -> list[Finding]:
     findings = check_run(run)
@@ -317,7 +335,7 @@ def test_verify_detects_changes(run: Path, key: nacl.signing.SigningKey, tmp_pat
         fh.write(" ")
     res = verify(cert_path, pub, run)
     assert not res.ok and any("ledgers/peer_1.json" in p and "changed" in p for p in res.problems)
-    (run / "capture" / sorted(os.listdir(run / "capture"))[0]).unlink()
+    (run / "capture" / min(os.listdir(run / "capture"))).unlink()
     res = verify(cert_path, pub, run)
     assert any(p.startswith("capture/") and "missing" in p for p in res.problems)
     assert verify(cert_path, pub).ok  # the signature alone still holds

@@ -81,4 +81,5 @@ __all__ = [
     "requirements_from_dict",
     "verify",
     "write_auditor_key",
+    "write_manifest",
 ]

@@ -18,7 +18,7 @@ import os
 import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,13 @@ from secure_dfml.certify._requirements import Requirements
 from secure_dfml.crypto import KeyFileError
 from secure_dfml.errors import RunDirectoryError, SecureDFMLError
 from secure_dfml.privacy import ADJACENCY, SECURE_LABEL, PrivacyLedger, compute_epsilon
-from secure_dfml.rundir import AUDIT, check_run_dir, read_config, read_metrics, read_summary
+from secure_dfml.rundir import (
+    AUDIT,
+    check_run_dir,
+    read_config,
+    read_metrics,
+    read_summary,
+)
 
 __all__ = [
     "AUDITOR_KEY",
@@ -293,18 +299,28 @@ def _assumptions(summary: Mapping[str, Any], peers: Mapping[int, Mapping[str, An
         "research-grade: DP noise and sampling come from a seeded RNG (reproducible, NOT for deployment); "
         "anyone who knows the seed can remove the noise")
     return [
-        "Poisson sampling: every DP-SGD batch includes each record independently with probability batch/n "
-        "(the rate the ledger records).",
-        "Per-sample clipping of the whole loss: each record's gradient of the entire training loss "
-        "(including any mutual-learning term) is clipped to the configured norm before noise is added.",
-        "Every release (models sent, returned, published, peak snapshots, metrics) is post-processing of "
-        "DP-SGD outputs and of the public data; nothing else reads a peer's private records.",
+        (
+            "Poisson sampling: every DP-SGD batch includes each record independently with probability batch/n "
+            "(the rate the ledger records)."
+        ),
+        (
+            "Per-sample clipping of the whole loss: each record's gradient of the entire training loss "
+            "(including any mutual-learning term) is clipped to the configured norm before noise is added."
+        ),
+        (
+            "Every release (models sent, returned, published, peak snapshots, metrics) is post-processing of "
+            "DP-SGD outputs and of the public data; nothing else reads a peer's private records."
+        ),
         f"Neighbouring relation: {ADJACENCY}.",
-        f"Accountant(s): {', '.join(accountants) or 'none'} (Opacus {versions.get('opacus')}), cross-checked with the "
-        "other accountant; secure_dfml " + str(versions.get("secure-dfml")) + ".",
+        (
+            f"Accountant(s): {', '.join(accountants) or 'none'} (Opacus {versions.get('opacus')}), cross-checked with the "
+            "other accountant; secure_dfml " + str(versions.get("secure-dfml")) + "."
+        ),
         f"Randomness: {rng}.",
-        "The run was executed by the code and packages the manifest names; the certificate checks the artifacts "
-        "are mutually consistent and unchanged, not that the training process was honest.",
+        (
+            "The run was executed by the code and packages the manifest names; the certificate checks the artifacts "
+            "are mutually consistent and unchanged, not that the training process was honest."
+        ),
     ]
 
 
@@ -394,7 +410,7 @@ def certify(
     body: dict[str, Any] = {
         "format": CERTIFICATE_FORMAT,
         "version": CERTIFICATE_VERSION,
-        "issued": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "issued": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "run_dir": str(run_dir),
         "run_id": summary.get("run_id"),
         "verdict": "CERTIFIED" if certified else "NOT CERTIFIED",

@@ -253,7 +253,7 @@ def _check_ledger(
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(raw, dict):
-            raise ValueError(f"holds {type(raw).__name__}, not a JSON object")
+            raise ValueError(f"holds {type(raw).__name__}, not a JSON object")  # noqa: TRY004 -- caught below
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return [Finding(art, "ledger-unreadable", f"{path.name} cannot be read: {exc}")]
     out: list[Finding] = []

@@ -19,14 +19,23 @@ import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from secure_dfml.errors import RunDirectoryError
 from secure_dfml.privacy import atomic_write_bytes
-from secure_dfml.rundir import AUDIT, CAPTURE, CONFIG, LEDGERS, METRICS, MODELS, SUMMARY, VIEWS
+from secure_dfml.rundir import (
+    AUDIT,
+    CAPTURE,
+    CONFIG,
+    LEDGERS,
+    METRICS,
+    MODELS,
+    SUMMARY,
+    VIEWS,
+)
 
 __all__ = [
     "MANIFEST",
@@ -133,7 +142,7 @@ def build_manifest(run_dir: str | Path, *, include_manifest: bool = False) -> di
     return {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "hash": "sha256",
         "files": files,
         "packages": package_versions(),
@@ -193,9 +202,7 @@ def compare_files(run_dir: str | Path, files: Mapping[str, Mapping[str, Any]], *
     missing: list[str] = []
     for rel, entry in sorted(files.items()):
         p = base / rel
-        if ".." in Path(rel).parts or Path(rel).is_absolute():
-            missing.append(rel)
-        elif not p.is_file():
+        if ".." in Path(rel).parts or Path(rel).is_absolute() or not p.is_file():
             missing.append(rel)
         elif hash_file(p) != entry.get("sha256"):
             changed.append(rel)

@@ -41,8 +41,8 @@ __all__ = [
     "ExchangeRequirements",
     "PeerRequirement",
     "PrivacyRequirements",
-    "RequirementsError",
     "Requirements",
+    "RequirementsError",
     "load_requirements",
     "requirements_from_dict",
 ]

@@ -21,10 +21,14 @@ from rich.table import Table
 from secure_dfml.certify import (
     CERTIFICATE,
     CERTIFICATE_HTML,
-    certify as certify_run,
     failed,
     load_requirements,
     load_signing_key,
+)
+from secure_dfml.certify import (
+    certify as certify_run,
+)
+from secure_dfml.certify import (
     verify as verify_certificate,
 )
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json
