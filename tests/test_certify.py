@@ -242,6 +242,28 @@ def test_ckks_run_passes_and_none_edited_in_is_caught(base_ckks: Path, key: nacl
     (run / "config.toml").write_text(cfg.replace('secure_aggregation = "ckks"', 'secure_aggregation = "none"'))
     findings = check_run(run)
     assert any(f.check == "secure-aggregation" and "secure sums" in f.problem for f in findings), findings
+    (run / "config.toml").write_text(cfg)
+    rc = runner.invoke(app, ["audit", str(run), "--threat-model", "curious-aggregator", "--attacks", "loss"])
+    assert rc.exit_code == 0, rc.output
+    req = _req(audits={"threat_models_required": ["curious-aggregator"],
+                       "limits": {"curious-aggregator": {"max_auc": 0.6}}})
+    cert = certify(run, req, key)
+    assert cert["certified"], [r for r in cert["results"] if r["status"] == "FAIL"]
+    assert _rows(cert, "audit curious-aggregator limits")[0]["status"] == "PASS"
+
+
+def test_real_audit_results_are_read(run: Path, key: nacl.signing.SigningKey) -> None:
+    rc = runner.invoke(app, ["audit", str(run), "--threat-model", "final-model", "--attacks", "loss"])
+    assert rc.exit_code == 0, rc.output
+    req = _req(audits={"threat_models_required": ["final-model"], "limits": {"final-model": {"max_auc": 0.99}}})
+    cert = certify(run, req, key)
+    (row,) = _rows(cert, "audit final-model AUC")
+    assert row["status"] == "PASS" and "upper confidence bound" in row["reason"]
+    (ev,) = cert["audit_evidence"]
+    assert ev["max_auc_upper_bound"] is not None and ev["max_epsilon_lower_bound"] is not None
+    assert "audit/final-model/results.json" in cert["manifest"]["files"]
+    strict = certify(run, _req(audits={"limits": {"final-model": {"max_auc": 0.01}}}), key)
+    assert _rows(strict, "audit final-model AUC")[0]["status"] == "FAIL"
 
 
 # ----------------------------------------------------------------------------- tampering

@@ -257,6 +257,16 @@ def _audit_requirements(
                     else:
                         unmeasured.append(f"{where}: {tpr.get('reason') or 'not reported'}")
         ev = {"threat_model": tm, "status": results.get("status"), "max_auc_upper_bound": None if worst_auc is None else worst_auc[0]}
+        if results.get("status") == "view_absent":
+            ev["max_epsilon_lower_bound"] = None
+            evidence.append(ev)
+            if limit is not None and (limit.max_auc is not None or limit.max_tpr is not None):
+                rows.append(_req(f"audit {tm} limits", PASS, "nothing to attack: the adversary's view is absent from "
+                                                             "this run (e.g. CKKS removed every individual model)"))
+            continue
+        if results.get("fail") is True:
+            rows.append(_req(f"audit {tm} lower bound", FAIL, "the audit reports an empirical epsilon lower bound "
+                                                              "above a ledger epsilon (results.json: fail = true)"))
         if limit is not None and limit.max_auc is not None:
             if worst_auc is None:
                 rows.append(_req(f"audit {tm} AUC", FAIL, "no AUC in the audit results to compare with max_auc"))
