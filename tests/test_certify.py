@@ -175,6 +175,14 @@ def test_peer_override(run: Path, key: nacl.signing.SigningKey) -> None:
     assert [(r["requirement"], r["peer"]) for r in failed] == [("max_epsilon", 2)]
 
 
+def test_required_accountant_is_used(run: Path, key: nacl.signing.SigningKey) -> None:
+    cert = certify(run, _req(privacy={"accountant": "prv"}), key)
+    assert cert["certified"]
+    for p in cert["peers"]:
+        assert p["accountant"] == "rdp" and p["claimed_accountant"] == "prv"
+        assert p["claimed_epsilon"] == p["epsilon"]["prv"]
+
+
 def test_group_too_small(run: Path, key: nacl.signing.SigningKey) -> None:
     cert = certify(run, _req(exchange={"min_group_size": 3}), key)
     (row,) = _rows(cert, "min_group_size")
