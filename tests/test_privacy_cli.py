@@ -98,3 +98,33 @@ def test_show_without_ledgers_fails_clearly(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "no privacy ledgers" in result.output
     result = runner.invoke(budget_cli.app, ["show", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_budget_show_refuses_a_tampered_run_and_names_the_artifact(tmp_path):
+    """The skeptic's edits that used to pass as 'verified': a target raised to 100, a deleted ledger."""
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from secure_dfml import config_from_dict, run_federation
+    from secure_dfml.cli.main import app
+
+    cfg = config_from_dict({
+        "federation": {"peers": 4, "participants": 4, "rounds": 2},
+        "data": {"name": "digits", "auditor_pool": 100}, "models": {"mix": ["mlp-small"]},
+        "dfml": {"ml_epochs": 1}, "privacy": {"enabled": True, "epsilon": 4.0},
+    })
+    run = tmp_path / "run"
+    run_federation(cfg, run, plot=False)
+    ok = CliRunner().invoke(app, ["budget", "show", str(run), "--format", "json"])
+    assert ok.exit_code == 0 and _json.loads(ok.output)["verified"] is True
+    led = run / "ledgers" / "peer_1.json"
+    raw = _json.loads(led.read_text())
+    raw["target_epsilon"] = 100.0
+    led.write_text(_json.dumps(raw))
+    raised = CliRunner().invoke(app, ["budget", "show", str(run)])
+    assert raised.exit_code == 1 and "peer_1.json" in raised.output
+    (run / "ledgers" / "peer_2.json").unlink()
+    deleted = CliRunner().invoke(app, ["budget", "show", str(run), "--format", "json"])
+    assert deleted.exit_code == 1
+    assert any("peer_2" in f["artifact"] or "peer 2" in f["problem"] for f in _json.loads(deleted.output)["findings"])

@@ -10,11 +10,12 @@ import typer
 from rich.table import Table
 
 from secure_dfml import peer_train_sizes
+from secure_dfml.certify import check_run
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
 from secure_dfml.config import RunConfig, load_config
 from secure_dfml.errors import RunDirectoryError
 from secure_dfml.privacy import PeerPlan, load_ledgers, plan_budgets
-from secure_dfml.rundir import ledgers_dir
+from secure_dfml.rundir import config_file, ledgers_dir
 
 app = typer.Typer(
     name="budget",
@@ -132,10 +133,21 @@ def show(
     """Each peer's ledger: epsilon spent at its delta, mechanisms, steps, status.
     Every ledger is re-verified with Opacus' accountant while loading."""
     setup_logging(verbose)
+    # cross-check the run first (a broken ledger would stop loading at the first one)
+    findings = [f for f in check_run(run_dir) if f.severity == "error"] if config_file(run_dir).is_file() else []
+    if findings:
+        if format is OutputFormat.json:
+            print_json({"run_dir": str(run_dir), "verified": False, "findings": [f.to_dict() for f in findings]})
+        else:
+            console.print(f"{run_dir} FAILS its cross-checks; no epsilon here can be trusted:", style="bold red",
+                          highlight=False, markup=False)
+            for f in findings:
+                console.print(f"- {f.artifact}: {f.problem}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(code=1)
     ledgers = load_ledgers(_ledger_dir(run_dir))
     summaries: list[dict[str, Any]] = [led.summary() for led in ledgers]
     if format is OutputFormat.json:
-        print_json({"run_dir": str(run_dir), "peers": summaries})
+        print_json({"run_dir": str(run_dir), "verified": True, "findings": [], "peers": summaries})
         return
     accountants = sorted({s["accountant"] for s in summaries})
     table = Table(title=f"Privacy ledgers of {run_dir} ({'/'.join(a.upper() for a in accountants)}, verified)")

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from secure_dfml import interrupted_config, run_federation
+from secure_dfml.certify import write_manifest
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, read_passphrase, setup_logging
 from secure_dfml.config import ALGORITHMS, RunConfig, config_from_dict, default_config, load_config
 from secure_dfml.report import pct
@@ -86,6 +87,7 @@ def add_non_private_baseline(cfg: RunConfig, summary: dict[str, Any], on_round: 
     }
     summary["privacy_cost_global_acc"] = twin["mean_global_acc"] - summary["mean_global_acc"]
     write_summary(run_dir, summary)
+    write_manifest(run_dir)  # summary.json changed: the manifest must hash what is there now
     return summary
 
 
