@@ -38,7 +38,7 @@ from secure_dfml.certify._manifest import (
     sha256_hex,
 )
 from secure_dfml.certify._requirements import Requirements
-from secure_dfml.crypto import KeyFileError
+from secure_dfml.crypto import KeyFileError, write_key_file
 from secure_dfml.errors import RunDirectoryError, SecureDFMLError
 from secure_dfml.privacy import ADJACENCY, SECURE_LABEL, PrivacyLedger, compute_epsilon
 from secure_dfml.rundir import (
@@ -93,31 +93,6 @@ def generate_auditor_key() -> nacl.signing.SigningKey:
     return nacl.signing.SigningKey.generate()
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Same-folder temporary file created 0600, fsync, ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{nacl.utils.random(6).hex()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(tmp, flags, 0o600)
-    try:
-        try:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fd, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_auditor_key(out: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
     """``out/auditor.key`` (the 32-byte Ed25519 seed as hex, one line, mode 0600)
     and ``out/auditor.pub`` (the verify key as hex, one line)."""
@@ -127,8 +102,8 @@ def write_auditor_key(out: str | Path, *, overwrite: bool = False) -> tuple[Path
         raise CertificateError(f"{key_path} or {pub_path} already exists; pass --force to replace them")
     key = generate_auditor_key()
     try:
-        _write_private(key_path, (bytes(key).hex() + "\n").encode("ascii"))
-        _write_private(pub_path, (bytes(key.verify_key).hex() + "\n").encode("ascii"))
+        write_key_file(key_path, (bytes(key).hex() + "\n").encode("ascii"), mode=0o600)
+        write_key_file(pub_path, (bytes(key.verify_key).hex() + "\n").encode("ascii"), mode=0o644)
         os.chmod(pub_path, 0o644)
     except OSError as exc:
         raise CertificateError(f"cannot write the auditor key to {out}: {exc.strerror or exc}") from None

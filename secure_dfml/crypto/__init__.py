@@ -27,6 +27,7 @@ from secure_dfml.crypto._channel import (
     open_state,
     seal_state,
 )
+
 # TenSEAL itself is imported by _ckks only when CKKS is first used.
 from secure_dfml.crypto._ckks import CKKSAverager, CKKSParams, CKKSRoles, SecureAverager, SecureSum
 from secure_dfml.crypto._envelope import (
@@ -78,6 +79,7 @@ from secure_dfml.crypto._keys import (
     load_directory,
     load_keys,
     private_key_path,
+    write_key_file,
     write_keys,
 )
 from secure_dfml.crypto.codec import TensorSpec, decode_state, encode_state, schema_of
@@ -169,5 +171,6 @@ __all__ = [
     "private_key_path",
     "schema_of",
     "seal_state",
+    "write_key_file",
     "write_keys",
 ]

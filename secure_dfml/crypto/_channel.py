@@ -28,10 +28,10 @@ import torch
 from secure_dfml.config import CryptoConfig
 from secure_dfml.crypto._envelope import (
     EnvelopeHeader,
+    encode_kind,
     envelope_overhead,
     federation_tag,
     inner_length,
-    encode_kind,
     parse_header,
     seal_envelope,
     verify_and_decrypt,

@@ -231,7 +231,7 @@ class PeerDirectory:
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
-        _atomic_write(p, self.to_json().encode("utf-8"), mode=0o644)
+        write_key_file(p, self.to_json().encode("utf-8"), mode=0o644)
         return p
 
     @classmethod
@@ -356,7 +356,7 @@ def write_keys(
             doc["kdf"] = kdf_doc
             doc["sealed"] = nacl.secret.SecretBox(key).encrypt(json.dumps(secret_doc).encode("utf-8")).hex()
         path = private_key_path(out, pid)
-        _atomic_write(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"), mode=0o600)
+        write_key_file(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"), mode=0o600)
         written.append(path)
     # The directory goes last: a crash midway leaves no directory.json, which
     # load_keys reports clearly instead of half-loading.
@@ -538,7 +538,7 @@ def _permission_warning(path: Path) -> str | None:
     return None
 
 
-def _atomic_write(path: Path, data: bytes, *, mode: int) -> None:
+def write_key_file(path: Path, data: bytes, *, mode: int) -> None:
     """Write ``data`` to ``path`` via a same-folder temporary file created with
     ``mode`` (never wider), fsync, then ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
