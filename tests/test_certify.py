@@ -448,3 +448,13 @@ def test_cli_keys_certify_verify(run: Path, tmp_path: Path) -> None:
     assert res.exit_code == 1 and "metrics.jsonl" in res.stdout
     res = runner.invoke(app, ["verify", str(tmp_path / "nope.json"), "--public-key", str(keys / "auditor.pub")])
     assert res.exit_code == 2
+
+
+def test_audit_refuses_a_run_whose_config_was_edited_to_claim_ckks(run):
+    """The skeptic's edit: secure_aggregation = "ckks" in config.toml and views/received deleted used to make
+    the curious-aggregator audit report that CKKS protected every exchange."""
+    cfg = run / "config.toml"
+    cfg.write_text(cfg.read_text().replace('secure_aggregation = "none"', 'secure_aggregation = "ckks"'))
+    shutil.rmtree(run / "views" / "received", ignore_errors=True)
+    res = runner.invoke(app, ["audit", str(run), "--threat-model", "curious-aggregator", "--attacks", "loss"])
+    assert res.exit_code == 2 and "fails its cross-checks" in res.output and "config.toml" in res.output

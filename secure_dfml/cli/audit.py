@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from secure_dfml.audit import Finding, audit_run_dir, finding_line, list_threat_models, load_threat_model
+from secure_dfml.certify import check_run
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
 from secure_dfml.config import load_config
 from secure_dfml.errors import AuditError
@@ -265,6 +266,12 @@ def audit(
                          "(or 'canary' for a canary audit)")
     attack_list = _parse_attacks(attacks)
     peer_list = _parse_peers(peers)
+    tampered = [f for f in check_run(run_path) if f.severity == "error"]
+    if tampered:  # auditing edited evidence would report on a run that never happened
+        raise AuditError(
+            f"{run_path} fails its cross-checks, so it is not audited: "
+            + "; ".join(f"{f.artifact}: {f.problem}" for f in tampered)
+        )
     results = []
     with _progress(format) as prog:
         for name in names:
