@@ -126,3 +126,12 @@ def test_run_reads_sealed_keys_with_a_passphrase_file(tmp_path):
     ok = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(tmp_path / "b"), "--rounds", "1",
                              "--passphrase-file", str(pw)])
     assert ok.exit_code == 0, ok.output
+
+
+def test_no_progress_line_before_a_config_error(tmp_path):
+    """Defect 11: 'round 0/30 building federation' was printed before the error, with the default round count."""
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(SMALL + "\n[dfml2]\nx = 1\n")  # an unknown section: refused before any training
+    result = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "unknown key" in result.output
+    assert "round" not in result.output.split("error:")[0]
