@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 import zmq
+from _runs import config_with, timeless_metrics
 
-from secure_dfml import config_from_dict, run_federation
+from secure_dfml import run_federation
 from secure_dfml._fsutil import exclusive
 from secure_dfml.crypto import generate_keys, seal_state
 from secure_dfml.crypto._channel import NaClChannel
@@ -35,22 +36,9 @@ BASE = {
 
 
 def cfg_with(**sections):
-    raw = json.loads(json.dumps(BASE))
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return config_from_dict(raw)
+    return config_with(BASE, **sections)
 
 
-def strip(record):
-    if isinstance(record, dict):
-        return {k: strip(v) for k, v in record.items() if "seconds" not in k}
-    if isinstance(record, list):
-        return [strip(v) for v in record]
-    return record
-
-
-def metrics(run_dir):
-    return [strip(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_peer_processes_equal_the_simulation_and_survive_a_garbage_flood(tmp_path):
@@ -92,7 +80,7 @@ def test_peer_processes_equal_the_simulation_and_survive_a_garbage_flood(tmp_pat
         if "socket" in flooded:
             flooded["socket"].close()
         ctx.term()
-    assert metrics(tmp_path / "net") == metrics(tmp_path / "sim")
+    assert timeless_metrics(tmp_path / "net") == timeless_metrics(tmp_path / "sim")
     assert launched["mean_global_acc"] == sim["mean_global_acc"]
     assert launched["rejected_messages"] > 0  # the forged envelopes reached peer 0 and were refused
     for name in ("config.toml", "metrics.jsonl", "summary.json"):
@@ -154,7 +142,7 @@ def test_a_second_process_into_the_same_state_directory_is_refused(tmp_path):
     assert "in use" in proc.stderr and str(state) in proc.stderr
 
 
-def test_an_interrupted_launch_pauses_the_peers_in_step_and_resumes_to_the_same_metrics(tmp_path):
+def test_an_interrupted_launch_pauses_the_peers_in_step_and_resumes_to_the_same_timeless_metrics(tmp_path):
     cfg = cfg_with(federation={"rounds": 4})
     run_federation(cfg, tmp_path / "sim", plot=False)
 
@@ -168,4 +156,4 @@ def test_an_interrupted_launch_pauses_the_peers_in_step_and_resumes_to_the_same_
     done = {len((tmp_path / "state" / f"peer_{i:03d}" / "reports.jsonl").read_text().splitlines()) for i in range(4)}
     assert len(done) == 1 and done.pop() < 4  # every peer stopped after the same round
     launch_federation(cfg, tmp_path / "net", resume=True, plot=False)
-    assert metrics(tmp_path / "net") == metrics(tmp_path / "sim")
+    assert timeless_metrics(tmp_path / "net") == timeless_metrics(tmp_path / "sim")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import threading
 
 import pytest
 import torch
+from _runs import config_with, strip_seconds
 
-from secure_dfml import config_from_dict
 from secure_dfml._run import build_federation, merge_round
 from secure_dfml.crypto import MissingKeyError
 from secure_dfml.errors import TransportError
@@ -23,18 +22,8 @@ BASE = {
 
 
 def cfg_with(**sections):
-    raw = json.loads(json.dumps(BASE))
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return config_from_dict(raw)
+    return config_with(BASE, **sections)
 
-
-def strip_times(record):
-    if isinstance(record, dict):
-        return {k: strip_times(v) for k, v in record.items() if "seconds" not in k}
-    if isinstance(record, list):
-        return [strip_times(v) for v in record]
-    return record
 
 
 def drive(node, program, messages_for):
@@ -95,7 +84,7 @@ def test_nodes_on_threads_equal_the_simulation():
     shared but the transport) gives the simulation's metrics exactly."""
     cfg = cfg_with(privacy={"enabled": True, "epsilon": 4.0})
     sim = build_federation(cfg)
-    expected = [strip_times(r) for r in sim.rounds()]
+    expected = [strip_seconds(r) for r in sim.rounds()]
 
     threaded = build_federation(cfg)
     reports = {n.peer_id: [] for n in threaded.nodes}
@@ -115,7 +104,7 @@ def test_nodes_on_threads_equal_the_simulation():
         th.join(timeout=300)
     assert not errors and not any(th.is_alive() for th in threads)
     got = [
-        strip_times(merge_round([reports[p][t] for p in reports], threaded.strategy.select(6, t), seconds=0.0))
+        strip_seconds(merge_round([reports[p][t] for p in reports], threaded.strategy.select(6, t), seconds=0.0))
         for t in range(cfg.federation.rounds)
     ]
     assert got == expected

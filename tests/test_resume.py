@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from _runs import config_with, timeless_metrics
 
-from secure_dfml import config_from_dict, run_federation
+from secure_dfml import run_federation
 from secure_dfml._fsutil import exclusive
 from secure_dfml.errors import RunDirectoryError
 from secure_dfml.privacy import _trainer
@@ -21,22 +22,9 @@ BASE = {
 
 
 def cfg_with(**sections):
-    raw = json.loads(json.dumps(BASE))
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return config_from_dict(raw)
+    return config_with(BASE, **sections)
 
 
-def strip(record):
-    if isinstance(record, dict):
-        return {k: strip(v) for k, v in record.items() if "seconds" not in k}
-    if isinstance(record, list):
-        return [strip(v) for v in record]
-    return record
-
-
-def metrics(run_dir):
-    return [strip(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def entries(path):
@@ -60,7 +48,7 @@ def test_resume_equals_the_uninterrupted_run(tmp_path):
         run_federation(cfg, tmp_path / "cut", plot=False, on_round=stop_after_round_1)
     assert not (tmp_path / "cut").exists() and (tmp_path / "cut.partial" / "checkpoints").is_dir()
     run_federation(cfg, tmp_path / "cut", plot=False, resume=True)
-    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+    assert timeless_metrics(tmp_path / "cut") == timeless_metrics(tmp_path / "full")
     for led in sorted((tmp_path / "full" / "ledgers").glob("peer_*.json")):
         assert entries(tmp_path / "cut" / "ledgers" / led.name) == entries(led)
     assert not (tmp_path / "cut.partial").exists()
