@@ -101,7 +101,9 @@ def faults(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
     def drill(launcher: Launcher) -> None:
         for pid, rnd in victims.items():
-            if pid not in killed and len(launcher.reports(pid)) == rnd:
+            # at or past the start of that round (a poll can miss a short round), still running
+            alive = pid in launcher.procs and launcher.procs[pid].poll() is None
+            if pid not in killed and alive and rnd <= len(launcher.reports(pid)) < launcher.cfg.federation.rounds:
                 launcher.kill(pid)
                 killed[pid] = rnd
         for pid in range(launcher.endpoints):
