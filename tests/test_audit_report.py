@@ -80,3 +80,18 @@ def test_finding_levels_are_checked() -> None:
     assert [f["text"] for f in by_severity(mixed)] == ["d", "b", "a", "c"]  # stable within a level
     with pytest.raises(ValueError, match="fail, insecure, warning"):
         finding("severe", "x")
+
+
+def test_leak_findings_are_corrected_for_every_pair_tested() -> None:
+    """Issue 12's example: at epsilon 1 an uncorrected interval (AUC 0.537, 95% CI [0.504, 0.573]) gave a 'leak'.
+    Over the pairs tested together it no longer excludes 0.5; a clear signal still does."""
+    from secure_dfml.audit.report import _family_low
+
+    assert _family_low(0.537, 0.504, 0.573, 0.95, 1) == 0.504  # one test: the interval as it is
+    assert _family_low(0.537, 0.504, 0.573, 0.95, 8) < 0.5  # eight tests: chance is no longer excluded
+    assert _family_low(0.70, 0.66, 0.74, 0.95, 40) > 0.5  # a real signal survives the correction
+    rng = np.random.default_rng(3)
+    null = {f"p{i}": {"loss": _result("loss", 0.0, rng, n_non=2000)} for i in range(12)}  # no signal at all
+    assert not any(f["level"] == "leak" for f in findings(null))  # family-wise: no false leak among 12
+    strong = findings({"p": {"loss": _result("loss", 2.0, rng)}, **null})
+    assert any(f["level"] == "leak" and "Peer p:" in f["text"] and "corrected for the 13" in f["text"] for f in strong)

@@ -15,6 +15,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, TypedDict
 
 import numpy as np
@@ -122,6 +123,18 @@ def finding_line(f: Finding) -> str:
     return f"{f['level'].upper()}: {f['text']}" if is_alert(f) else f["text"]
 
 
+def _family_low(value: float | None, low: float | None, high: float | None, confidence: float, family: int) -> float | None:
+    """The lower end of a two-sided interval at family-wise ``confidence`` over ``family``
+    tests (Bonferroni), from a per-test interval: its half-width gives the standard error."""
+    if value is None or low is None or high is None:
+        return None
+    if family <= 1:
+        return low
+    z_one = NormalDist().inv_cdf(1 - (1 - confidence) / 2)
+    z_all = NormalDist().inv_cdf(1 - (1 - confidence) / (2 * family))
+    return value - z_all * (high - low) / (2 * z_one)
+
+
 def findings(
     peer_results: PeerResults,
     *,
@@ -136,11 +149,16 @@ def findings(
     notes: list[Finding] = []
     for check in ledger_checks:
         (severe if check.failed else notes).append(finding("fail" if check.failed else "note", check.message))
+    # Many (target, attack) pairs are tested at once: a leak is claimed only when the AUC's
+    # interval, widened for all of them together (Bonferroni, normal approximation with the
+    # bootstrap's own standard error), still excludes 0.5.
+    family = sum(len(_attack_map(res)) for res in peer_results.values())
     for peer, res in peer_results.items():
         for name, r in _attack_map(res).items():
             m = r.metrics
             a = m.auc
-            if a.ci_low is not None and a.ci_low > 0.5:
+            corrected_low = _family_low(a.value, a.ci_low, a.ci_high, m.confidence, family)
+            if corrected_low is not None and corrected_low > 0.5:
                 lvl_txt = []
                 for lvl, est in m.tpr_at_fpr.items():
                     if est.value is not None:
@@ -149,13 +167,16 @@ def findings(
                 leaks.append(finding(
                     "leak",
                     f"Peer {peer}: {name} detects membership better than chance (AUC {a.value:.3f}, "
-                    f"{m.confidence:.0%} CI [{a.ci_low:.3f}, {a.ci_high:.3f}] excludes 0.5){extra}.",
+                    f"{m.confidence:.0%} CI [{a.ci_low:.3f}, {a.ci_high:.3f}]; its lower bound corrected for the "
+                    f"{family} (target, attack) pairs tested, {corrected_low:.3f}, excludes 0.5){extra}.",
                 ))
             else:
                 quiet.append(finding(
                     "quiet",
                     f"Peer {peer}: {name} did not detect membership beyond chance (AUC {a.value:.3f}"
                     + (f", CI [{a.ci_low:.3f}, {a.ci_high:.3f}]" if a.ci_low is not None else "")
+                    + (f", corrected for {family} pairs: lower bound {corrected_low:.3f}" if corrected_low is not None
+                       and family > 1 else "")
                     + "). This is not evidence that the model is private.",
                 ))
             for lvl, est in m.tpr_at_fpr.items():
