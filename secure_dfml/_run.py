@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from secure_dfml._fsutil import current_generation, exclusive, fresh_dir, stamp, swap_dir_atomically, swap_into_place
-from secure_dfml.certify._manifest import write_manifest
+from secure_dfml.certify import write_manifest
 from secure_dfml.config import DataConfig, RunConfig, load_config
 from secure_dfml.crypto import build_channel, build_ckks_roles, schema_of
 from secure_dfml.data import ArrayDataset, FederatedSplit, load_dataset, split_from_config
@@ -39,8 +39,9 @@ from secure_dfml.rundir import (
     latest_views,
     ledger_file,
     ledgers_dir,
-    open_partial,
+    lock_file,
     models_dir,
+    open_partial,
     partial_dir,
     plot_file,
     read_metrics,
@@ -568,7 +569,7 @@ def run_federation(
     """
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     partial = partial_dir(run_dir)
-    with exclusive(run_dir.with_name(f".{run_dir.name}.lock"), f"run directory {run_dir}"):
+    with exclusive(lock_file(run_dir), f"run directory {run_dir}"):
         run_meta = open_partial(run_dir, resume=resume, overwrite=overwrite, meta_name=RUN_META, what="run")
         if run_meta is not None:
             cfg = load_config(config_file(partial))

@@ -190,6 +190,12 @@ def partial_dir(run_dir: str | Path) -> Path:
     return run_dir.with_name(run_dir.name + PARTIAL_SUFFIX)
 
 
+def lock_file(run_dir: str | Path) -> Path:
+    """The lock a run (or launch) into ``run_dir`` holds, beside it (a second process is refused)."""
+    run_dir = Path(run_dir)
+    return run_dir.with_name(f".{run_dir.name}.lock")
+
+
 # ----------------------------------------------------------------------------- writers
 def open_partial(run_dir: Path, *, resume: bool, overwrite: bool, meta_name: str, what: str) -> dict[str, Any] | None:
     """Get ``run_dir``'s partial folder ready for a run (or a launch).

@@ -29,35 +29,38 @@ from pathlib import Path
 from typing import Any
 
 from secure_dfml._fsutil import exclusive, fresh_dir, swap_into_place
-from secure_dfml.certify._manifest import write_manifest
 from secure_dfml._run import (
     default_run_dir,
+    federation_labels_from_config,
     merge_round,
     peer_state_dir,
     plan_federation,
     run_summary,
-    federation_labels_from_config,
 )
+from secure_dfml.certify import write_manifest
 from secure_dfml.config import RunConfig, dump_toml
-from secure_dfml.rundir import (
-    capture_dir,
-    ledger_file,
-    ledgers_dir,
-    metrics_file,
-    models_dir,
-    open_partial,
-    plot_file,
-    read_config,
-    views_dir,
-    write_config,
-    write_summary,
-)
 from secure_dfml.crypto import generate_keys, write_keys
 from secure_dfml.errors import TransportError
 from secure_dfml.orchestration.peer import DONE, PAUSE, REPORTS, read_views
 from secure_dfml.privacy import atomic_write_bytes, ledger_path
 from secure_dfml.report.plots import plot_accuracy
-from secure_dfml.rundir import latest_views, save_views
+from secure_dfml.rundir import (
+    capture_dir,
+    latest_views,
+    ledger_file,
+    ledgers_dir,
+    lock_file,
+    metrics_file,
+    models_dir,
+    open_partial,
+    partial_dir,
+    plot_file,
+    read_config,
+    save_views,
+    views_dir,
+    write_config,
+    write_summary,
+)
 from secure_dfml.transport import free_tcp_addresses
 
 logger = logging.getLogger(__name__)
@@ -216,8 +219,8 @@ def launch_federation(
     ``on_poll`` sees the :class:`Launcher` at every poll (fault drills kill
     peers through it)."""
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
-    partial = run_dir.with_name(run_dir.name + ".partial")
-    with exclusive(run_dir.with_name(f".{run_dir.name}.lock"), f"run directory {run_dir}"):
+    partial = partial_dir(run_dir)
+    with exclusive(lock_file(run_dir), f"run directory {run_dir}"):
         meta = open_partial(run_dir, resume=resume, overwrite=overwrite, meta_name=LAUNCH, what="launch")
         if meta is not None:
             cfg = read_config(partial)
