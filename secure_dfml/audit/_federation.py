@@ -40,7 +40,8 @@ __all__ = [
 ]
 
 RESULTS_FORMAT = "secure-dfml-audit"
-RESULTS_VERSION = 2  # 2: findings are {level, text} records (were strings)
+RESULTS_VERSION = 3  # 2: findings are {level, text} records (were strings); 3: each attack carries a compact
+#   ROC ("roc": {"fpr", "tpr", "points"}, at most ROC_MAX_POINTS vertices); readers treat it as optional
 
 
 def rebuild_federation(cfg: RunConfig) -> Federation:

@@ -33,8 +33,10 @@ __all__ = [
     "DEFAULT_FPR_LEVELS",
     "AttackMetrics",
     "Estimate",
+    "ROC_MAX_POINTS",
     "RocCurve",
     "auc",
+    "compact_roc",
     "evaluate_attack",
     "roc_curve",
     "tpr_at_fpr",
@@ -42,6 +44,9 @@ __all__ = [
 ]
 
 DEFAULT_FPR_LEVELS: tuple[float, ...] = (0.001, 0.01)
+#: At most this many (FPR, TPR) points of an ROC go into audit results (:func:`compact_roc`).
+ROC_MAX_POINTS = 200
+_ROC_DIGITS = 6  # significant digits of the stored points (byte-reproducible results)
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,10 @@ class RocCurve:
     fpr: np.ndarray
     tpr: np.ndarray
     thresholds: np.ndarray
+
+    def compact(self, max_points: int = ROC_MAX_POINTS) -> dict[str, Any]:
+        """See :func:`compact_roc`."""
+        return compact_roc(self, max_points=max_points)
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,67 @@ def roc_curve(scores: Any, labels: Any) -> RocCurve:
     s, y = _check(scores, labels)
     fpr, tpr, thr = _roc_arrays(s, y)
     return RocCurve(fpr=fpr, tpr=tpr, thresholds=thr)
+
+
+def _sig(x: float) -> float:
+    return float(f"{float(x):.{_ROC_DIGITS}g}")
+
+
+def _roc_picks(fpr: np.ndarray, lo: float, n_levels: int) -> np.ndarray:
+    """Vertex indices for ``n_levels`` FPR levels (3/4 log-spaced from ``lo`` to 1, 1/4 linear), plus the endpoints."""
+    n_log = (3 * n_levels) // 4
+    levels = np.concatenate([
+        np.geomspace(lo, 1.0, num=n_log) if lo < 1.0 else np.ones(n_log),
+        np.linspace(0.0, 1.0, num=n_levels - n_log + 2)[1:-1],
+    ])
+    picked = np.searchsorted(fpr, levels * (1.0 + 1e-12), side="right") - 1
+    return np.unique(np.concatenate([[0, fpr.size - 1], np.clip(picked, 0, fpr.size - 1)]))
+
+
+def compact_roc(roc: RocCurve, *, max_points: int = ROC_MAX_POINTS) -> dict[str, Any]:
+    """At most ``max_points`` vertices of ``roc`` as plain lists, for results files.
+
+    Keeps (0, 0), (1, 1) and, for FPR levels spaced logarithmically from the
+    smallest non-zero FPR to 1 (three quarters of the levels: the low-FPR region
+    that matters for membership inference) and linearly over (0, 1) (the rest),
+    the vertex with the largest TPR at FPR <= the level -- the point
+    :func:`tpr_at_fpr` reads. Levels that land on one vertex (few distinct low
+    FPRs) are made up for by a denser grid, as many as fit in ``max_points``.
+    Values are rounded to 6 significant digits, so equal scores give equal bytes;
+    both lists stay non-decreasing.
+    ``{"fpr": [...], "tpr": [...], "points": <vertices of the full curve>}``.
+    """
+    if max_points < 2:
+        raise AuditError(f"an ROC needs at least 2 points; got max_points={max_points}")
+    fpr = np.asarray(roc.fpr, dtype=np.float64)
+    tpr = np.asarray(roc.tpr, dtype=np.float64)
+    n = int(fpr.size)
+    if n <= max_points:
+        keep = np.arange(n)
+    else:
+        positive = fpr[fpr > 0]
+        lo = float(positive.min()) if positive.size else 1.0
+        k_ok = max_points - 2  # at most k_ok + 2 indices: always fits
+        keep = _roc_picks(fpr, lo, k_ok)
+        k_bad = k_ok
+        while k_bad < 8 * n:  # grow the grid until it no longer fits ...
+            k_bad *= 2
+            trial = _roc_picks(fpr, lo, k_bad)
+            if trial.size > max_points:
+                break
+            k_ok, keep = k_bad, trial
+        while k_bad - k_ok > 1:  # ... then the largest grid between that fits
+            mid = (k_ok + k_bad) // 2
+            trial = _roc_picks(fpr, lo, mid)
+            if trial.size <= max_points:
+                k_ok, keep = mid, trial
+            else:
+                k_bad = mid
+    return {
+        "fpr": [_sig(v) for v in fpr[keep]],
+        "tpr": [_sig(v) for v in tpr[keep]],
+        "points": n,
+    }
 
 
 def _auc_from_roc(fpr: np.ndarray, tpr: np.ndarray) -> float:

@@ -53,6 +53,7 @@ class AttackResult:
         out: dict[str, Any] = {
             "attack": self.attack,
             "metrics": self.metrics.to_dict(),
+            "roc": self.metrics.roc.compact(),  # results version 3
             "details": dict(self.details),
             "seconds": self.seconds,
         }

@@ -10,7 +10,6 @@ canonical JSON (sorted keys, no whitespace, every field but ``signature``).
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import math
@@ -28,6 +27,7 @@ import nacl.signing
 import nacl.utils
 
 from secure_dfml.certify._checks import check_run, group_sizes, ledger_files
+from secure_dfml.certify._html import plot_series, render_html
 from secure_dfml.certify._manifest import (
     MANIFEST,
     build_manifest,
@@ -414,6 +414,7 @@ def certify(
         "assumptions": _assumptions(summary, peers, manifest["packages"]),
         "audit_statement": AUDIT_STATEMENT,
         "audit_evidence": evidence,
+        "plots": plot_series(run_dir, [peers[k] for k in sorted(peers)], summary.get("run_id")),
         "run_manifest_sha256": hash_file(run_manifest) if run_manifest.is_file() else None,
         "manifest_sha256": sha256_hex(canonical_json(manifest)),
         "manifest": manifest,
@@ -435,42 +436,6 @@ def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- html
-def render_html(cert: Mapping[str, Any]) -> str:
-    e = html.escape
-    def fmt(x: Any) -> str:
-        return "-" if x is None else (f"{x:.4g}" if isinstance(x, float) else e(str(x)))
-    rows = "".join(
-        f"<tr class='{e(r['status'])}'><td>{e(r['requirement'])}</td><td>{fmt(r.get('peer'))}</td>"
-        f"<td><b>{e(r['status'])}</b></td><td>{e(r['reason'])}</td></tr>" for r in cert["results"])
-    peers = "".join(
-        f"<tr><td>{p['peer']}</td><td>{fmt(p.get('claimed_epsilon'))} ({fmt(p.get('claimed_accountant'))})</td>"
-        f"<td>{' / '.join(f'{k}: {fmt(v)}' for k, v in sorted((p.get('epsilon') or {}).items()))}</td>"
-        f"<td>{fmt(p.get('max_epsilon'))}</td><td>{fmt(p.get('target_epsilon'))}</td><td>{fmt(p.get('delta'))}</td>"
-        f"<td>{fmt(p.get('error'))}</td></tr>" for p in cert["peers"])
-    assumptions = "".join(f"<li>{e(a)}</li>" for a in cert["assumptions"])
-    return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>secure-dfml certificate: {e(cert['verdict'])}</title>
-<style>body{{font-family:sans-serif;max-width:70em;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #bbb;padding:.3em .6em;text-align:left}}tr.PASS b{{color:#070}}tr.FAIL b{{color:#b00}}</style>
-</head><body>
-<h1>{e(cert['verdict'])}</h1>
-<p>Run {e(str(cert.get('run_id')))} ({e(cert['run_dir'])}) against requirements
-<b>{e(cert['requirements']['name'])}</b>; issued {e(cert['issued'])}.</p>
-<h2>Requirements</h2>
-<table><tr><th>requirement</th><th>peer</th><th>status</th><th>reason</th></tr>{rows}</table>
-<h2>Epsilon per peer (upper bound from the ledger) vs budget</h2>
-<table><tr><th>peer</th><th>claimed epsilon</th><th>accountants</th><th>required max</th><th>ledger target</th>
-<th>delta</th><th>error</th></tr>{peers}</table>
-<h2>Assumptions</h2><ul>{assumptions}</ul>
-<h2>Audits</h2><p>{e(cert['audit_statement'])}</p>
-<p>Manifest sha256 {e(cert['manifest_sha256'])} ({len(cert['manifest']['files'])} files);
-signed with Ed25519 key {e(cert['signature']['public_key'])}. Check with
-<code>secure-dfml verify certificate.json --public-key auditor.pub --run RUN_DIR</code>.</p>
-</body></html>
-"""
 
 
 # ----------------------------------------------------------------------------- verify
