@@ -51,16 +51,64 @@ Output (``out_dir``)
 * ``tune.json`` -- rewritten atomically after every point, so an interrupted
   or failed sweep keeps every finished point; a point that raises is recorded
   with ``status = "failed"`` and its error, and the sweep goes on;
-* ``tune.md`` -- one table (rewritten after every point);
+* ``tune.md`` -- one table (rewritten after every point), and with
+  requirements the checks, the recommended budget per peer and what the sweep
+  itself spent;
 * ``tune.png`` -- accuracy vs epsilon (log x axis, non-private drawn at the
   right), per-peer accuracy vs each peer's own epsilon, time overhead, and with
   ``audit=True`` a Pareto plot of accuracy vs the strongest attack's AUC.
 
-A word on what a sweep costs in privacy: every DP point is a separate training
-run on the same private data. Each run respects its own budget, but releasing
-the results of several runs, or picking the best of them, composes their
-budgets (and the choice itself depends on the data). Tune on public or proxy
-data, or account for the sweep as a whole.
+Requirements (``requirements=``, ``secure-dfml tune --requirements R.toml``)
+-------------------------------------------------------------------------------
+
+With a requirement profile (:func:`secure_dfml.certify.load_requirements`):
+
+* the config is checked against every requirement no budget can change --
+  ``privacy.delta``, ``privacy.secure_mode_required``,
+  ``exchange.channel_encryption_required`` / ``secure_aggregation_required`` /
+  ``min_group_size`` (planned from the public schedule), and an
+  ``audits.limits.final-model.at_fpr`` the audit can measure -- *before*
+  anything trains (:func:`check_config_requirements`).  When one is unmet
+  nothing trains: each is reported as "no budget can fix this: set X" and no
+  peer gets a recommendation;
+* without explicit points the sweep runs :func:`requirement_points`: 0.5, 1, 2,
+  4, 8 capped at each peer's ``max_epsilon``, the limit itself, and the
+  non-private baseline;
+* limits for the ``final-model`` threat model turn the leakage axis on; a
+  point meets them when the largest upper confidence bound of the attack AUC
+  (and of the TPR at ``at_fpr``) over every target and attack is within them;
+* per peer, :func:`recommend_budgets` picks, among the finished points whose
+  budget *and* ledger epsilon (with the requirements' accountant) for that peer
+  are within its ``max_epsilon`` and whose audit meets the limits, the one with
+  the highest global accuracy of that peer's final model (tie: the smaller
+  epsilon); a peer with no such point gets the reason.
+
+Ledgers (``state_dir=``, ``--state DIR``)
+-----------------------------------------
+
+By default every point keeps its own *research* ledgers (its peers start from
+nothing): the sweep is charged to no lifetime ledger, and the result says so.
+With ``state_dir`` every point runs against the peers' lifetime ledgers
+(``DIR/peer_XXX/peer_<id>.json``, as ``secure-dfml run --state DIR``): the
+points run in the order given, a point's epsilon is each peer's cap on its
+lifetime ledger after that point, so later points plan their noise after what
+earlier ones spent; a point is refused (nothing runs) when it would need more
+than a peer's lifetime budget (its ``max_epsilon`` in the requirements, else
+its configured budget) or when a ledger already holds all but 1% of the
+point's budget.  The non-private point is refused: a run without DP cannot be
+charged to a ledger.  Nothing lowers spent budget: ``overwrite`` keeps the
+replaced points' ledgers in ``out_dir/ledger-archive/``, and the lifetime
+ledgers are never touched by it.
+
+What the sweep itself spends
+----------------------------
+
+Every point trains on the same private records, so the sweep spends privacy of
+its own: a model released after the sweep keeps its guarantee only if the
+sweep's spend is charged too (at most the sum of the points' epsilons per peer
+by basic composition; the lifetime ledger composes it more tightly), or if the
+sweep ran on public or proxy data.  ``sweep_privacy`` in the result gives the
+numbers per peer next to the recommended budget.
 """
 
 from __future__ import annotations
@@ -80,29 +128,53 @@ from typing import Any
 import numpy as np
 
 from secure_dfml._jsonutil import json_text, pct, utc_now
-from secure_dfml._run import peer_train_sizes, run_federation
-from secure_dfml.audit import audit_run_dir, resolve_attacks
+from secure_dfml._run import load_federation_data, peer_state_dir, run_federation
+from secure_dfml.audit import DEFAULT_FPR_LEVELS, audit_run_dir, resolve_attacks
+from secure_dfml.certify import AuditLimit, Requirements, load_requirements
 from secure_dfml.config import PeerPrivacyConfig, RunConfig, dump_toml
 from secure_dfml.errors import ConfigError, RunDirectoryError, SecureDFMLError
-from secure_dfml.privacy import atomic_write_bytes, resolve_budgets
-from secure_dfml.rundir import audit_dir, config_file, summary_file
+from secure_dfml.models import resolve_architectures
+from secure_dfml.privacy import (
+    PrivacyLedger,
+    PrivacyValidationError,
+    atomic_write_bytes,
+    compute_epsilon,
+    ledger_path,
+    resolve_budgets,
+)
+from secure_dfml.protocol.selection import select_key_holder
+from secure_dfml.protocol.strategies import build_strategy
+from secure_dfml.rundir import audit_dir, config_file, ledgers_dir, partial_dir, summary_file
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ACCURACY_METRIC",
+    "DEFAULT_EPSILONS",
     "DEFAULT_TUNE_ATTACKS",
     "EPSILONS_SYNTAX",
+    "REQUIREMENTS_GRID",
     "TUNE_FORMAT",
     "BudgetPoint",
+    "PeerRecommendation",
+    "RequirementCheck",
     "TuneEvent",
     "budget_point",
+    "check_config_requirements",
     "parse_epsilons",
+    "planned_group_sizes",
+    "recommend_budgets",
+    "recommendation_rows",
+    "release_budgets",
     "render_tune_markdown",
+    "requirement_points",
+    "sweep_privacy",
+    "sweep_privacy_rows",
     "tune_budgets",
 ]
 
 TUNE_FORMAT = "secure-dfml-tune"
-TUNE_VERSION = 1
+TUNE_VERSION = 2  # 2: requirements, recommendations, ledger_scope, sweep_privacy, per-point charges
 TUNE_THREAT_MODEL = "final-model"
 #: Offline attacks share one set of reference models per architecture.
 DEFAULT_TUNE_ATTACKS: tuple[str, ...] = ("loss", "lira", "rmia")
@@ -329,6 +401,568 @@ def budget_point(value: Any) -> BudgetPoint:
     return BudgetPoint(epsilon=value)
 
 
+# --------------------------------------------------------------------------- requirements
+#: The points of a sweep given no ``--epsilons`` (without requirements).
+DEFAULT_EPSILONS = "1,2,4,8,inf"
+#: With requirements and no ``--epsilons``: these values, capped at each peer's
+#: ``max_epsilon``, plus the limit itself (and the non-private baseline).
+REQUIREMENTS_GRID: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+#: What a recommendation maximises, per peer.
+ACCURACY_METRIC = "global_acc"
+ACCURACY_METRIC_TEXT = (
+    "global_acc: the peer's final model's accuracy on the global, balanced test set in the point's last round"
+)
+QUALIFIES_TEXT = (
+    "a finished DP point qualifies for a peer when the peer's budget there and its ledger epsilon (with the "
+    "requirements' accountant) are within its max_epsilon"
+)
+AUDIT_QUALIFIES_TEXT = (
+    f", and the point's {TUNE_THREAT_MODEL} audit meets the attack limits (largest upper confidence bound over every "
+    "target and attack)"
+)
+_REL = 1e-9  # relative slack for float comparisons of epsilons
+#: Under --state a point is refused when a peer's lifetime ledger already holds
+#: all but this fraction of the point's budget: the planner spends each budget to
+#: within 0.5% below it, so what such a ledger has left is rounding, not a budget.
+LEFT_FRACTION = 0.01
+
+
+@dataclass(frozen=True)
+class RequirementCheck:
+    """One requirement that no budget can change, checked against the config.
+
+    ``requirement``: the requirements field (``exchange.channel_encryption_required``);
+    ``detail``: what the config gives; ``fix``: the setting that meets it (unmet only).
+    """
+
+    requirement: str
+    met: bool
+    detail: str
+    fix: str = ""
+
+    @property
+    def text(self) -> str:
+        if self.met:
+            return f"{self.requirement}: met ({self.detail})"
+        return f"{self.requirement}: NOT met ({self.detail}); no budget can fix this: {self.fix}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"requirement": self.requirement, "met": self.met, "detail": self.detail, "fix": self.fix or None,
+                "text": self.text}
+
+
+def _as_requirements(value: Requirements | str | Path | None) -> Requirements | None:
+    if value is None or isinstance(value, Requirements):
+        return value
+    return load_requirements(value)
+
+
+def requirement_points(num_peers: int, req: Requirements, *,
+                       grid: Sequence[float] = REQUIREMENTS_GRID) -> list[BudgetPoint]:
+    """The default sweep with requirements: every value of ``grid`` below some
+    peer's ``max_epsilon`` and every limit itself, each capped per peer at its
+    limit (a point whose capped budgets differ between peers lists them per
+    peer), then the non-private baseline.  Peers without a limit get ``grid``."""
+    limits = [req.privacy.max_epsilon_for(i) for i in range(num_peers)]
+    values = {float(g) for g in grid if any(lim is None or g < lim for lim in limits)}
+    values |= {float(lim) for lim in limits if lim is not None}
+    points: list[BudgetPoint] = []
+    for v in sorted(values):
+        per = {i: v if lim is None else min(v, lim) for i, lim in enumerate(limits)}
+        distinct = set(per.values())
+        point = BudgetPoint(epsilon=distinct.pop()) if len(distinct) == 1 else BudgetPoint(per_peer=per)
+        if point not in points:
+            points.append(point)
+    return [*points, NON_PRIVATE]
+
+
+def planned_group_sizes(cfg: RunConfig, archs: Sequence[str]) -> list[tuple[int, int, int]]:
+    """(round, aggregator, size) of every aggregation the public schedule plans
+    when every sender's model arrives, counted as certification counts a run's
+    groups: each CKKS sum's contributors where the round's group has protected
+    sums, else the sender models the aggregator receives."""
+    strategy = build_strategy(cfg)
+    f = cfg.federation
+    all_archs = list(archs) + ([archs[0]] if strategy.uses_server and archs else [])
+    endpoints = len(all_archs)
+    protect = strategy.averages and cfg.crypto.secure_aggregation == "ckks"
+    out: list[tuple[int, int, int]] = []
+    for t in range(f.rounds):
+        for g in strategy.select(endpoints, t):
+            sizes: list[int] = []
+            if protect and select_key_holder(federation_id=f.id, seed=f.seed, round_index=t, num_peers=endpoints,
+                                             exclude={g.aggregator, *g.senders}) is not None:
+                by_arch: dict[str, int] = {}
+                for s in g.senders:
+                    by_arch[all_archs[s]] = by_arch.get(all_archs[s], 0) + 1
+                sizes = [c for c in by_arch.values() if c >= 2]
+            if not sizes and g.senders:
+                sizes = [len(g.senders)]
+            out += [(t, g.aggregator, n) for n in sizes]
+    return out
+
+
+def check_config_requirements(cfg: RunConfig, req: Requirements, *, num_train: Sequence[int],
+                              archs: Sequence[str]) -> list[RequirementCheck]:
+    """Every requirement of ``req`` that no budget can change, checked against
+    ``cfg`` as each sweep point runs it (DP on); ``num_train``: training-set size
+    per peer (the default delta depends on it), ``archs``: architecture per peer."""
+    checks: list[RequirementCheck] = []
+    pr, ex = req.privacy, req.exchange
+    if pr.delta is not None:
+        budgets = resolve_budgets(BudgetPoint(epsilon=1.0).apply(cfg), num_train)
+        over = [b for b in budgets if b.delta > pr.delta]
+        largest = max(b.delta for b in budgets)
+        if not over:
+            checks.append(RequirementCheck("privacy.delta", True, f"every peer's delta <= {pr.delta:g} "
+                                                                   f"(largest {largest:g})"))
+        else:
+            own = [b.peer_id for b in over if (o := cfg.privacy.peers.get(str(b.peer_id))) is not None
+                   and o.delta is not None]
+            fix = f"privacy.delta = {pr.delta:g} (or lower)"
+            if own:
+                fix += " and " + ", ".join(f"privacy.peers.{i}.delta" for i in own) + f" <= {pr.delta:g}"
+            peers = ", ".join(f"peer {b.peer_id} {b.delta:g}" for b in over[:5]) + (" ..." if len(over) > 5 else "")
+            checks.append(RequirementCheck("privacy.delta", False, f"delta above {pr.delta:g}: {peers}", "set " + fix))
+    if pr.accountant is not None and pr.accountant != cfg.privacy.accountant:
+        checks.append(RequirementCheck(
+            "privacy.accountant", True,
+            f"the config plans with {cfg.privacy.accountant!r}; every ledger epsilon is recomputed with "
+            f"{pr.accountant!r} before it is compared with max_epsilon (set privacy.accountant = "
+            f"{pr.accountant!r} to plan with it too)"))
+    if pr.secure_mode_required:
+        ok = bool(cfg.privacy.secure_mode)
+        checks.append(RequirementCheck(
+            "privacy.secure_mode_required", ok,
+            "DP noise and sampling from the OS CSPRNG" if ok else "privacy.secure_mode = false: seeded, research-grade "
+            "randomness", "" if ok else "set privacy.secure_mode = true"))
+    if ex.channel_encryption_required:
+        ok = cfg.crypto.channel == "nacl"
+        checks.append(RequirementCheck(
+            "exchange.channel_encryption_required", ok, f"crypto.channel = {cfg.crypto.channel!r}",
+            "" if ok else 'set crypto.channel = "nacl" (and drop crypto.allow_insecure)'))
+    if ex.secure_aggregation_required:
+        ok = cfg.crypto.secure_aggregation == "ckks"
+        checks.append(RequirementCheck(
+            "exchange.secure_aggregation_required", ok, f"crypto.secure_aggregation = {cfg.crypto.secure_aggregation!r}",
+            "" if ok else 'set crypto.secure_aggregation = "ckks"'))
+    if ex.min_group_size is not None:
+        sizes = planned_group_sizes(cfg, archs)
+        if not sizes:
+            checks.append(RequirementCheck(
+                "exchange.min_group_size", False,
+                f"algorithm {cfg.federation.algorithm!r} plans no aggregation with a sender model",
+                f'set federation.algorithm = "dfml" with groups of at least {ex.min_group_size + 1} participants'))
+        else:
+            rnd, agg, smallest = min(sizes, key=lambda t: t[2])
+            ok = smallest >= ex.min_group_size
+            detail = (f"smallest planned aggregation: {smallest} sender model(s) (round {rnd}, aggregator {agg}; "
+                      "planned from the public schedule with every model arriving)")
+            per_group = -(-cfg.federation.participants // max(1, cfg.federation.groups))
+            fix = "" if ok else (
+                f"set federation.participants / federation.groups so that every group has at least "
+                f"{ex.min_group_size + 1} peers (now up to {per_group})"
+                + ("; under CKKS each architecture's sum counts apart: fewer architectures (models.mix) give larger "
+                   "sums" if cfg.crypto.secure_aggregation == "ckks" else ""))
+            checks.append(RequirementCheck("exchange.min_group_size", ok, detail, fix))
+    limit = req.audits.limits.get(TUNE_THREAT_MODEL)
+    if limit is not None and limit.max_tpr is not None and limit.at_fpr is not None:
+        ok = any(math.isclose(limit.at_fpr, f) for f in DEFAULT_FPR_LEVELS)
+        levels = ", ".join(f"{f:g}" for f in DEFAULT_FPR_LEVELS)
+        checks.append(RequirementCheck(
+            f"audits.limits.{TUNE_THREAT_MODEL}.at_fpr", ok, f"at_fpr = {limit.at_fpr:g}; the audit measures TPR at "
+            f"FPR {levels}", "" if ok else f"set audits.limits.{TUNE_THREAT_MODEL}.at_fpr to one of {levels}"))
+    return checks
+
+
+def _requirement_notes(req: Requirements) -> list[str]:
+    """What certification will ask of a released run that the sweep does not check."""
+    notes: list[str] = []
+    others = [tm for tm in req.audits.threat_models_required if tm != TUNE_THREAT_MODEL]
+    limited = [tm for tm in req.audits.limits if tm != TUNE_THREAT_MODEL]
+    if others:
+        notes.append(f"the requirements also ask for audits of {', '.join(others)}: the sweep audits only "
+                     f"{TUNE_THREAT_MODEL}; run `secure-dfml audit RUN --threat-model NAME` on the released run.")
+    if limited:
+        notes.append(f"attack limits for {', '.join(limited)} are not checked by the sweep (it audits only "
+                     f"{TUNE_THREAT_MODEL}); certify checks them on the released run.")
+    strength = getattr(req.audits, "min_strength", None)
+    if strength is not None:
+        notes.append(f"the requirements ask for a canary audit of strength >= {strength:g}: the sweep does not run it "
+                     "(`secure-dfml audit canary`); certify checks it on the released run.")
+    if req.privacy.max_epsilon is None and not req.privacy.peers:
+        notes.append("the requirements set no max_epsilon: every budget of the sweep is within them.")
+    return notes
+
+
+@dataclass(frozen=True)
+class PeerRecommendation:
+    """The budget recommended for one peer, or why there is none.
+
+    ``epsilon``: the budget to configure (the point's target for the peer);
+    ``epsilon_spent``: what the peer's ledger spent at that point (with the
+    requirements' accountant); ``accuracy``: :data:`ACCURACY_METRIC` at that
+    point; ``accuracy_cost``: the non-private run's minus it; ``rejected``:
+    point label -> why that point does not qualify for this peer.
+    """
+
+    peer: int
+    arch: str | None
+    max_epsilon: float | None
+    point: str | None = None
+    epsilon: float | None = None
+    epsilon_spent: float | None = None
+    accountant: str | None = None
+    accuracy: float | None = None
+    baseline_accuracy: float | None = None
+    accuracy_cost: float | None = None
+    reason: str = ""
+    rejected: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def recommended(self) -> bool:
+        return self.point is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "peer": self.peer, "arch": self.arch, "recommended": self.recommended, "max_epsilon": self.max_epsilon,
+            "point": self.point, "epsilon": self.epsilon, "epsilon_spent": self.epsilon_spent,
+            "accountant": self.accountant, "accuracy_metric": ACCURACY_METRIC, "accuracy": self.accuracy,
+            "baseline_accuracy": self.baseline_accuracy, "accuracy_cost": self.accuracy_cost, "reason": self.reason,
+            "config": None if self.epsilon is None else f"[privacy.peers.{self.peer}] epsilon = {_num(self.epsilon)}",
+            "rejected": dict(self.rejected),
+        }
+
+
+def _audit_verdict(lk: Mapping[str, Any] | None, limit: AuditLimit) -> str | None:
+    """Why a point's final-model audit does not meet ``limit`` (None: it does)."""
+    if not lk:
+        return f"no {TUNE_THREAT_MODEL} audit"
+    status = lk.get("status")
+    if status == "view_absent":
+        return None  # nothing to attack (certification passes it too)
+    if status != "audited":
+        return f"the {TUNE_THREAT_MODEL} audit {status}" + (f": {lk['error']}" if lk.get("error") else "")
+    if lk.get("fail"):
+        return "the audit found an empirical epsilon lower bound above the ledger's (FAIL)"
+    upper = lk.get("upper") or {}
+    if limit.max_auc is not None:
+        auc = (upper.get("auc") or {}).get("value")
+        if auc is None:
+            return "the audit gives no AUC upper confidence bound"
+        if auc > limit.max_auc:
+            return f"attack AUC upper bound {auc:.3f} ({upper['auc'].get('where')}) > max_auc {limit.max_auc:g}"
+    if limit.max_tpr is not None and limit.at_fpr is not None:
+        tpr = (upper.get("tpr_at_fpr") or {}).get(f"{limit.at_fpr:g}") or {}
+        if tpr.get("value") is None:
+            return f"TPR at FPR {limit.at_fpr:g} could not be measured ({tpr.get('reason') or 'not in the audit'})"
+        if tpr["value"] > limit.max_tpr:
+            return (f"attack TPR upper bound {tpr['value']:.3f} at FPR {limit.at_fpr:g} ({tpr.get('where')}) > "
+                    f"max_tpr {limit.max_tpr:g}")
+    return None
+
+
+def _point_verdict(p: Mapping[str, Any], pid: int, lim: float | None,
+                   audit_limit: AuditLimit | None) -> tuple[str | None, dict[str, Any]]:
+    """Why point ``p`` does not qualify for peer ``pid`` (None: it does), and the peer's numbers there."""
+    if p["status"] != "done":
+        why = p.get("reason") or p.get("error") or ""
+        return f"{p['status']}" + (f": {why}" if why else ""), {}
+    v = p.get("peers", {}).get(str(pid))
+    if v is None:
+        return "no result for this peer", {}
+    target = v.get("epsilon_target") if v.get("epsilon_target") is not None else v.get("epsilon_requested")
+    spent = v.get("epsilon_checked") if v.get("epsilon_checked") is not None else v.get("epsilon_spent")
+    nums = {"epsilon": target, "spent": spent, "accuracy": v.get(ACCURACY_METRIC),
+            "accountant": v.get("epsilon_checked_accountant")}
+    if lim is not None and target is not None and target > lim * (1 + _REL):
+        return f"budget {_num(target)} is above max_epsilon {_num(lim)}", nums
+    if spent is None:
+        return "the ledger gives no spent epsilon", nums
+    if lim is not None and spent > lim * (1 + _REL):
+        return f"ledger epsilon {spent:.4g} is above max_epsilon {_num(lim)}", nums
+    if pid in (p.get("phases") or {}).get("lifetime_exhausted_peers", []):
+        return "its phases were refused: earlier runs had exhausted its lifetime budget", nums
+    if audit_limit is not None:
+        why = _audit_verdict(p.get("leakage"), audit_limit)
+        if why is not None:
+            return why, nums
+    if nums["accuracy"] is None:
+        return f"no {ACCURACY_METRIC} for this peer", nums
+    return None, nums
+
+
+def recommend_budgets(points: Sequence[Mapping[str, Any]], num_peers: int, req: Requirements, *,
+                      unmet: Sequence[RequirementCheck] = ()) -> list[PeerRecommendation]:
+    """Per peer, the point that meets ``req`` at the least accuracy cost (see the module docstring)."""
+    base = next((p for p in points if not p["private"] and p["status"] == "done"), None)
+    audit_limit = req.audits.limits.get(TUNE_THREAT_MODEL)
+    if audit_limit is not None and audit_limit.max_auc is None and audit_limit.max_tpr is None:
+        audit_limit = None
+    archs = next(({k: v.get("arch") for k, v in p.get("peers", {}).items()} for p in points
+                  if p["status"] == "done"), {})
+    out: list[PeerRecommendation] = []
+    for pid in range(num_peers):
+        lim = req.privacy.max_epsilon_for(pid)
+        arch = archs.get(str(pid))
+        base_acc = None if base is None else base.get("peers", {}).get(str(pid), {}).get(ACCURACY_METRIC)
+        if unmet:
+            out.append(PeerRecommendation(
+                peer=pid, arch=arch, max_epsilon=lim, baseline_accuracy=base_acc,
+                reason="no budget can fix this: " + "; ".join(c.fix for c in unmet)))
+            continue
+        rejected: dict[str, str] = {}
+        best: tuple[float, float, str, dict[str, Any]] | None = None
+        for p in points:
+            if not p["private"]:
+                continue
+            why, nums = _point_verdict(p, pid, lim, audit_limit)
+            if why is not None:
+                rejected[p["label"]] = why
+                continue
+            key = (float(nums["accuracy"]), -float(nums["epsilon"] if nums["epsilon"] is not None else nums["spent"]))
+            if best is None or key > best[:2]:
+                best = (*key, p["label"], nums)
+        if best is None:
+            tried = len([p for p in points if p["private"]])
+            detail = "; ".join(f"{k}: {v}" for k, v in rejected.items()) if rejected else "the sweep has no DP point"
+            out.append(PeerRecommendation(
+                peer=pid, arch=arch, max_epsilon=lim, baseline_accuracy=base_acc, rejected=rejected,
+                reason=f"none of the {tried} DP point(s) qualifies -- {detail}"))
+            continue
+        _acc, _neg, label, nums = best
+        qualifying = sum(1 for p in points if p["private"] and p["label"] not in rejected)
+        cost = None if base_acc is None else base_acc - nums["accuracy"]
+        out.append(PeerRecommendation(
+            peer=pid, arch=arch, max_epsilon=lim, point=label, epsilon=nums["epsilon"], epsilon_spent=nums["spent"],
+            accountant=nums["accountant"], accuracy=nums["accuracy"], baseline_accuracy=base_acc, accuracy_cost=cost,
+            rejected=rejected,
+            reason=f"highest {ACCURACY_METRIC} of the {qualifying} qualifying point(s)"))
+    return out
+
+
+def release_budgets(points: Sequence[Mapping[str, Any]], recs: Sequence[PeerRecommendation], *,
+                    lifetime: bool = False) -> dict[str, Any] | None:
+    """The recommended budgets of all peers together, as one sweep point, and
+    whether the sweep trained exactly that combination (each peer's best point
+    may be a different one: what a peer learns depends on the others' budgets).
+    ``lifetime``: the points were charged to lifetime ledgers (``--state``)."""
+    if not recs or not all(r.recommended and r.epsilon is not None for r in recs):
+        return None
+    eps = {r.peer: float(r.epsilon) for r in recs if r.epsilon is not None}
+    distinct = set(eps.values())
+    label = BudgetPoint(epsilon=distinct.pop()).label if len(distinct) == 1 else BudgetPoint(per_peer=eps).label
+    measured = None
+    for p in points:
+        if p["status"] != "done" or not p["private"]:
+            continue
+        targets = {int(k): v.get("epsilon_target") for k, v in p.get("peers", {}).items()}
+        if targets and all(t is not None and math.isclose(t, eps.get(k, math.nan)) for k, t in targets.items()):
+            measured = p["label"]
+            break
+    used = sorted({str(r.point) for r in recs})
+    if measured is not None:
+        text = (f"release with these budgets ({label}, as [privacy.peers.N] epsilon per peer): the sweep measured "
+                f"exactly this combination as point {measured}.")
+    else:
+        text = (f"the peers' best points differ ({', '.join(used)}): the combination {label} was not trained as one "
+                "point, and what a peer learns depends on the others' budgets -- add it to the sweep "
+                f"(--epsilons {label}) to measure it before release.")
+    if lifetime:
+        text += (" Under --state each point's epsilon capped the lifetime ledger, earlier points included: the "
+                 "measured model is itself covered by its ledger epsilon, while a new release run is charged on top of "
+                 "everything the sweep spent and refused once a lifetime budget is gone.")
+    return {"epsilons": label, "per_peer": {str(k): v for k, v in eps.items()}, "from_points": used,
+            "measured_as": measured, "text": text}
+
+
+# ----------------------------------------------------------------- ledgers and what the sweep spent
+NON_PRIVATE_STATE_REASON = (
+    "not run: a non-private run reads every peer's records without DP and cannot be charged to a lifetime ledger "
+    "(its epsilon is unbounded); accuracy cost vs non-private is not measured under --state (measure it on public or "
+    "proxy data)"
+)
+
+
+def _lifetime_budgets(cfg: RunConfig, req: Requirements | None) -> dict[int, float | None]:
+    """Per peer, the lifetime budget a --state sweep may spend: its ``max_epsilon``
+    in the requirements, else its configured budget (privacy.epsilon or its override)."""
+    out: dict[int, float | None] = {}
+    for i in range(cfg.federation.peers):
+        lim = None if req is None else req.privacy.max_epsilon_for(i)
+        if lim is None:
+            o = cfg.privacy.peers.get(str(i))
+            lim = o.epsilon if o is not None and o.epsilon is not None else cfg.privacy.epsilon
+        out[i] = lim
+    return out
+
+
+def _lifetime_ledger(state: Path, pid: int) -> PrivacyLedger | None:
+    path = ledger_path(peer_state_dir(state, pid), pid)
+    return PrivacyLedger.load(path, verify=False) if path.is_file() else None
+
+
+def _state_refusal(point: BudgetPoint, cfg: RunConfig, state: Path, lifetime: Mapping[int, float | None]) -> str | None:
+    """Why ``point`` cannot run against the lifetime ledgers in ``state`` (None: it can)."""
+    if not point.private:
+        return NON_PRIVATE_STATE_REASON
+    targets = point.targets(cfg) or {}
+    reasons: list[str] = []
+    for pid, target in sorted(targets.items()):
+        lim = lifetime.get(pid)
+        if target is not None and lim is not None and target > lim * (1 + _REL):
+            reasons.append(f"peer {pid}: budget {_num(target)} is above its lifetime budget {_num(lim)}")
+            continue
+        try:
+            led = _lifetime_ledger(state, pid)
+        except SecureDFMLError as exc:
+            reasons.append(f"peer {pid}: its lifetime ledger cannot be used: {exc}")
+            continue
+        if led is not None and target is not None and led.spent_epsilon >= target * (1 - LEFT_FRACTION):
+            exhausted = lim is not None and led.spent_epsilon >= lim * (1 - LEFT_FRACTION)
+            left = "its lifetime budget is exhausted" if exhausted else "nothing is left to plan for this point"
+            reasons.append(f"peer {pid}: its lifetime ledger already holds epsilon {led.spent_epsilon:.4g} of this "
+                           f"point's budget {_num(target)} (less than {100 * LEFT_FRACTION:g}% left: {left})")
+    if not reasons:
+        return None
+    return "refused before training, nothing charged: " + "; ".join(reasons)
+
+
+def _ledger_counts(state: Path | None, num_peers: int) -> dict[int, int]:
+    """Entries in each lifetime ledger now (what a point adds comes after)."""
+    if state is None:
+        return {}
+    out: dict[int, int] = {}
+    for pid in range(num_peers):
+        try:
+            led = _lifetime_ledger(state, pid)
+        except SecureDFMLError:
+            led = None
+        out[pid] = 0 if led is None else len(led.entries)
+    return out
+
+
+def _point_ledgers(run_dir: Path, num_peers: int, *, state: Path | None, before: Mapping[int, int],
+                   finished: bool, accountant: str | None) -> dict[str, dict[str, Any]]:
+    """Per peer, from the ledgers a point's run wrote: ``epsilon`` its own
+    mechanisms spent (what the point charged), the ``runs`` that charged them,
+    and ``ledger_epsilon`` the ledger's total after it, with ``accountant`` (the
+    ledger's own when None).  Under ``state`` the lifetime ledgers (entries
+    after ``before``); else the point's own run (``finished``) or what its
+    interrupted run left in ``<run_dir>.partial``."""
+    out: dict[str, dict[str, Any]] = {}
+    folder = ledgers_dir(run_dir if finished else partial_dir(run_dir))
+    for pid in range(num_peers):
+        try:
+            if state is not None:
+                led = _lifetime_ledger(state, pid)
+            else:
+                path = ledger_path(folder, pid)
+                led = PrivacyLedger.load(path, verify=False) if path.is_file() else None
+        except SecureDFMLError as exc:
+            logger.warning("the ledger of peer %d for %s cannot be read: %s", pid, run_dir, exc)
+            continue
+        if led is None:
+            continue
+        new = led.entries[before.get(pid, 0):] if state is not None else led.entries
+        mechs = [e.mechanism for e in new]
+        acc = accountant or led.accountant
+        total = led.spent_epsilon if acc == led.accountant else (
+            compute_epsilon(led.mechanisms, delta=led.delta, accountant=acc) if led.entries else 0.0)
+        out[str(pid)] = {
+            "epsilon": compute_epsilon(mechs, delta=led.delta, accountant=led.accountant) if mechs else 0.0,
+            "runs": sorted({e.run for e in new}),
+            "ledger_epsilon": total,
+            "ledger_accountant": acc,
+            "ledger_entries": len(led.entries),
+        }
+    return out
+
+
+def _attach_charges(entry: dict[str, Any], charges: Mapping[str, Mapping[str, Any]]) -> None:
+    """Record on a point what it charged per peer (``charged``) and, for a finished
+    point, each peer's ``epsilon_point`` and ``epsilon_checked`` (the ledger's
+    total, with the requirements' accountant, that max_epsilon is compared with)."""
+    charged: dict[str, float | None] = {}
+    for pid, v in entry.get("peers", {}).items():
+        c = charges.get(pid)
+        if entry.get("private"):
+            v["epsilon_point"] = c["epsilon"] if c is not None else v.get("epsilon_spent")
+            v["epsilon_checked"] = c["ledger_epsilon"] if c is not None else v.get("epsilon_spent")
+            v["epsilon_checked_accountant"] = c["ledger_accountant"] if c is not None else v.get("accountant")
+            charged[pid] = v["epsilon_point"]
+    for pid, c in charges.items():
+        charged.setdefault(pid, c["epsilon"])
+    if charged:
+        entry["charged"] = dict(sorted(charged.items(), key=lambda kv: int(kv[0])))
+        entry["charged_runs"] = sorted({r for c in charges.values() for r in c["runs"]})
+
+
+SWEEP_STATEMENT = (
+    "Every sweep point trained on the same private records, so the sweep itself spent privacy: the released model's "
+    "guarantee holds only for a release trained after the sweep if the sweep's spend is charged too (by composition), "
+    "or if the sweep ran on public or proxy data."
+)
+
+
+def sweep_privacy(result: Mapping[str, Any], recommendations: Sequence[PeerRecommendation] | None,
+                  lifetime: Mapping[int, float | None] | None, state: Path | None) -> dict[str, Any]:
+    """What the sweep itself spent, per peer: the sum of every DP point's epsilon
+    (basic composition: an upper bound), next to the recommended budget; under
+    ``state`` also the lifetime ledger's own (tighter) total."""
+    n = int(result["peers"])
+    ran = [p for p in result["points"] if p.get("charged")]
+    rec = {r.peer: r for r in recommendations or ()}
+    peers: dict[str, Any] = {}
+    for pid in range(n):
+        vals = [p["charged"].get(str(pid)) for p in ran]
+        known = [float(v) for v in vals if v is not None]
+        r = rec.get(pid)
+        row: dict[str, Any] = {
+            "dp_points": len(known),
+            "sum_epsilon": float(sum(known)),
+            "recommended_epsilon": None if r is None else r.epsilon,
+            "release_after_sweep_epsilon": None if r is None or r.epsilon is None else float(sum(known)) + r.epsilon,
+        }
+        if state is not None:
+            try:
+                led = _lifetime_ledger(state, pid)
+            except SecureDFMLError:
+                led = None
+            row["lifetime_ledger_epsilon"] = None if led is None else led.spent_epsilon
+            row["lifetime_budget"] = None if lifetime is None else lifetime.get(pid)
+        peers[str(pid)] = row
+    baseline_ran = any(not p["private"] and p["status"] == "done" for p in result["points"])
+    text = SWEEP_STATEMENT + (
+        f" By basic composition the sweep's {len(ran)} DP point(s) spent at most the sum of their epsilons per peer; "
+        "a release trained after it is covered only with that sum added to its own budget.")
+    if state is not None:
+        text += (" Here every point was charged to the peers' lifetime ledgers, which compose it more tightly: "
+                 "their total covers every point's model and the choice among them, and a release run with the same "
+                 "--state is charged on top.")
+    else:
+        text += (" Here the points were charged to no lifetime ledger (research mode): nothing stops a release from "
+                 "spending its full budget again.")
+    if baseline_ran:
+        text += (" The non-private baseline also read the same records, without DP: its accuracy (and every 'accuracy "
+                 "cost') carries no privacy guarantee, and the sums cover the DP points only.")
+    return {"statement": text, "charged_to": "lifetime ledgers" if state is not None else "no lifetime ledger",
+            "composition": "basic (sum of epsilons, same delta per point)", "peers": peers,
+            "baseline_without_dp": baseline_ran}
+
+
+def _sweep_numbers_note(sp: Mapping[str, Any]) -> str:
+    rows = sp["peers"]
+    parts = []
+    for pid, r in rows.items():
+        rec = "none" if r["recommended_epsilon"] is None else _num(r["recommended_epsilon"])
+        life = ""
+        if r.get("lifetime_ledger_epsilon") is not None:
+            life = f", lifetime ledger {r['lifetime_ledger_epsilon']:.3g}"
+        parts.append(f"peer {pid} {r['sum_epsilon']:.3g} (recommended {rec}{life})")
+    return "sum of spent epsilon over the sweep's DP points per peer: " + ", ".join(parts) + "."
+
+
 # --------------------------------------------------------------------------- progress
 @dataclass(frozen=True)
 class TuneEvent:
@@ -363,18 +997,24 @@ def _tail_accuracy(records: Sequence[Mapping[str, Any]], k: int = TAIL_ROUNDS) -
 
 def _phase_counts(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Phases run / refused by the budget gate, from the run's metrics records."""
-    counts: dict[str, Any] = {"run": 0, "refused": 0, "refused_by_phase": {}, "refused_peers": []}
+    counts: dict[str, Any] = {"run": 0, "refused": 0, "refused_by_phase": {}, "refused_peers": [],
+                              "lifetime_exhausted_peers": []}
     refused_peers: set[int] = set()
+    lifetime: set[int] = set()
     for rec in records:
         for ph in rec.get("phases", []):
+            reason = str(ph.get("reason", ""))
             if ph.get("ran"):
                 counts["run"] += 1
-            elif "budget exhausted" in str(ph.get("reason", "")):
+            elif "budget exhausted" in reason:
                 counts["refused"] += 1
                 name = str(ph.get("phase"))
                 counts["refused_by_phase"][name] = counts["refused_by_phase"].get(name, 0) + 1
                 refused_peers.add(int(ph.get("peer", -1)))
+                if "earlier runs" in reason:  # the lifetime ledger was spent before this run
+                    lifetime.add(int(ph.get("peer", -1)))
     counts["refused_peers"] = sorted(refused_peers)
+    counts["lifetime_exhausted_peers"] = sorted(lifetime)
     return counts
 
 
@@ -420,6 +1060,7 @@ def _point_from_summary(point: BudgetPoint, cfg: RunConfig, summary: Mapping[str
         "compute_seconds_per_round": summary.get("compute_seconds_per_round"),
         "wall_seconds": summary.get("wall_seconds"),
         "rounds": summary.get("rounds"),
+        "run_id": summary.get("run_id"),
         "privacy_label": summary.get("privacy_label"),
         "peers": peers,
         "phases": _phase_counts(records),
@@ -488,6 +1129,7 @@ def summarize_leakage(results: Mapping[str, Any], *, fpr: float = LEAKAGE_FPR) -
         name: {"mean_auc": float(np.mean(s["aucs"])), "targets": len(s["aucs"]), "max": s["max"]}
         for name, s in per_attack.items()
     }
+    upper = _upper_bounds(results)
     lbs = [p.get("empirical_epsilon_lower_bound") for p in results.get("peers", {}).values()]
     lbs = [x for x in lbs if x is not None]
     tpr_state = None
@@ -499,6 +1141,7 @@ def summarize_leakage(results: Mapping[str, Any], *, fpr: float = LEAKAGE_FPR) -
         "fpr": fpr,
         "attacks": attacks,
         "worst": worst,
+        "upper": upper,
         "tpr_at_fpr_status": tpr_state,
         "empirical_epsilon_lower_bound_max": max(lbs) if lbs else None,
         "fail": bool(results.get("fail")),
@@ -506,11 +1149,36 @@ def summarize_leakage(results: Mapping[str, Any], *, fpr: float = LEAKAGE_FPR) -
     }
 
 
+def _upper_bounds(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The largest upper confidence bound of the AUC, and of the TPR at each FPR
+    level, over every (target, attack) of an audit -- what requirements limit
+    (as certification compares them: targets that cannot measure a level are
+    left out of it, ``reason`` names the first); ``where`` names the (target, attack)."""
+    auc: dict[str, Any] = {"value": None, "where": None}
+    tpr: dict[str, dict[str, Any]] = {}
+    for t in results.get("targets", []) or []:
+        for name, a in (t.get("attacks") or {}).items():
+            where = f"target {t.get('target')} / {name}"
+            m = a.get("metrics") or {}
+            hi = (m.get("auc") or {}).get("ci_high")
+            if isinstance(hi, (int, float)) and (auc["value"] is None or hi > auc["value"]):
+                auc = {"value": float(hi), "where": where}
+            for level, est in (m.get("tpr_at_fpr") or {}).items():
+                slot = tpr.setdefault(str(level), {"value": None, "where": None, "reason": None})
+                hi = (est or {}).get("ci_high")
+                if isinstance(hi, (int, float)):
+                    if slot["value"] is None or hi > slot["value"]:
+                        slot.update(value=float(hi), where=where)
+                elif slot["reason"] is None:
+                    slot["reason"] = f"{where}: {(est or {}).get('reason') or 'not reported'}"
+    return {"auc": auc, "tpr_at_fpr": tpr}
+
+
 # --------------------------------------------------------------------------- main entry
 def tune_budgets(
     cfg: RunConfig,
     *,
-    epsilons: Sequence[Any],
+    epsilons: Sequence[Any] | None = None,
     out_dir: str | Path,
     audit: bool = False,
     audit_attacks: Sequence[str] = DEFAULT_TUNE_ATTACKS,
@@ -519,28 +1187,47 @@ def tune_budgets(
     overwrite: bool = False,
     resume: bool = False,
     plot: bool = True,
+    requirements: Requirements | str | Path | None = None,
+    state_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` once per budget in ``epsilons`` (plus the non-private
     baseline) and write ``tune.json``, ``tune.md`` and ``tune.png`` to ``out_dir``.
 
     ``epsilons``: sweep points -- floats (``math.inf`` = non-private), per-peer
     sequences (cycled over peers), ``Mapping[int, float]`` (explicit peers) or
-    strings in the CLI syntax; see the module docstring. ``overwrite``: replace
-    an earlier sweep in ``out_dir``; ``resume``: reuse its finished points whose
-    saved config is identical (anything else is rerun). ``audit``: add the
-    leakage axis (final-model threat model, ``audit_attacks`` with
-    ``reference_models`` reference models per architecture).
+    strings in the CLI syntax; see the module docstring.  None: the requirements'
+    grid (:func:`requirement_points`) with ``requirements``, else
+    :data:`DEFAULT_EPSILONS`.  ``overwrite``: replace an earlier sweep in
+    ``out_dir``; ``resume``: reuse its finished points whose saved config is
+    identical (anything else is rerun). ``audit``: add the leakage axis
+    (final-model threat model, ``audit_attacks`` with ``reference_models``
+    reference models per architecture); on whenever ``requirements`` limit
+    final-model attacks.
 
-    Returns the ``tune.json`` dict. Errors in the sweep definition or in any
-    point's budget (e.g. delta >= 1/n) are raised before anything trains; a
-    point that fails while training is recorded as failed and the sweep goes on.
+    ``requirements``: a :class:`~secure_dfml.certify.Requirements` or the path of
+    its TOML file -- check the config first, then recommend a budget per peer
+    (``recommendations``).  ``state_dir``: charge every point to the peers'
+    lifetime ledgers there (``DIR/peer_XXX/``), in order; without it each point
+    keeps its own research ledgers and the result says the sweep was charged to
+    no lifetime ledger.
+
+    Returns the ``tune.json`` dict. Errors in the sweep definition, the
+    requirements or any point's budget (e.g. delta >= 1/n) are raised before
+    anything trains; a point that fails while training is recorded as failed and
+    the sweep goes on.
     """
     out = Path(out_dir)
-    requested = [budget_point(e) for e in epsilons]
-    if not requested:
-        raise ConfigError(f"no sweep points given. Accepted: {EPSILONS_SYNTAX}")
+    req = _as_requirements(requirements)
+    state = None if state_dir is None else Path(state_dir)
     n_peers = cfg.federation.peers
     notes: list[str] = []
+    default_points = epsilons is None
+    if epsilons is None:
+        requested = requirement_points(n_peers, req) if req is not None else parse_epsilons(DEFAULT_EPSILONS)
+    else:
+        requested = [budget_point(e) for e in epsilons]
+    if not requested:
+        raise ConfigError(f"no sweep points given. Accepted: {EPSILONS_SYNTAX}")
     points: list[BudgetPoint] = []
     for p in requested:
         p.validate_for(n_peers)
@@ -554,6 +1241,11 @@ def tune_budgets(
     if baseline_added:
         notes.append("the non-private baseline (inf) was not listed; it was run anyway, as the reference for "
                      "accuracy cost and time overhead.")
+    audit_limit = None if req is None else req.audits.limits.get(TUNE_THREAT_MODEL)
+    audit_required = audit_limit is not None and (audit_limit.max_auc is not None or audit_limit.max_tpr is not None)
+    if audit_required and not audit:
+        notes.append(f"the requirements limit {TUNE_THREAT_MODEL} attacks: every point was audited (--audit).")
+        audit = True
     audit_fn: Callable[..., dict[str, Any]] | None
     if audit:
         audit_fn = audit_run_dir
@@ -566,14 +1258,21 @@ def tune_budgets(
 
     # pre-flight: every point's config and budgets, before anything trains
     point_cfgs = [p.apply(cfg) for p in points]
-    if any(p.private for p in points):
-        sizes = peer_train_sizes(cfg)
-        for p, pc in zip(points, point_cfgs, strict=True):
-            if p.private:
-                try:
-                    resolve_budgets(pc, sizes)
-                except SecureDFMLError as exc:
-                    raise type(exc)(f"sweep point {p.label}: {exc}") from None
+    dataset, split = load_federation_data(cfg)
+    sizes = [int(len(s.train)) for s in split.peers]
+    for p, pc in zip(points, point_cfgs, strict=True):
+        if p.private:
+            try:
+                resolve_budgets(pc, sizes)
+            except SecureDFMLError as exc:
+                raise type(exc)(f"sweep point {p.label}: {exc}") from None
+    checks: list[RequirementCheck] = []
+    if req is not None:
+        archs = resolve_architectures(n_peers, kind=dataset.kind, mix=cfg.models.mix, per_peer=cfg.models.per_peer)
+        checks = check_config_requirements(cfg, req, num_train=sizes, archs=archs)
+        notes += _requirement_notes(req)
+    unmet = [c for c in checks if not c.met]
+    lifetime = _lifetime_budgets(cfg, req)
     if cfg.privacy.noise_multiplier is not None or any(
         pp.noise_multiplier is not None for pp in cfg.privacy.peers.values()
     ):
@@ -581,9 +1280,17 @@ def tune_budgets(
                      "noise to each point's budget.")
     if any(p.private for p in points) and not cfg.privacy.secure_mode:
         notes.append("DP points ran in research-grade mode (seeded RNG), as configured.")
-    notes.append("every DP point is a separate training run on the same private data: each respects its own "
-                 "budget, but publishing several points (or choosing the best) composes their budgets. Tune on "
-                 "public or proxy data, or account for the whole sweep.")
+    if state is not None:
+        scope = (f"lifetime ledgers: every point was charged to each peer's one ledger in {state}/peer_XXX/, in the "
+                 "order listed; a point's epsilon is the peer's cap on that ledger after the point, so later points "
+                 "planned their noise after what earlier points spent, and a point that needs more than a peer's "
+                 "lifetime budget or finds it spent is refused. Nothing lowers spent budget.")
+    else:
+        scope = ("research mode: budgets were not charged to any lifetime ledger -- every point started its peers' "
+                 "budgets afresh in its own ledgers (points/<label>/ledgers/); pass --state DIR to charge every point "
+                 "to the peers' lifetime ledgers.")
+    notes.append(scope)
+    static_notes = list(notes)
 
     # the output folder
     json_path, md_path, png_path = out / "tune.json", out / "tune.md", out / "tune.png"
@@ -598,6 +1305,7 @@ def tune_budgets(
         elif overwrite:
             for f in (json_path, md_path, png_path):
                 f.unlink(missing_ok=True)
+            _archive_point_ledgers(out)
             shutil.rmtree(out / "points", ignore_errors=True)
         else:
             raise RunDirectoryError(
@@ -620,14 +1328,28 @@ def tune_budgets(
         "seed": cfg.federation.seed,
         "accountant": cfg.privacy.accountant,
         "requested": [p.label for p in requested],
+        "default_points": default_points,
         "baseline_added": baseline_added,
         "audit": {
             "enabled": bool(audit),
+            "required_by_requirements": audit_required,
             "threat_model": TUNE_THREAT_MODEL if audit else None,
             "attacks": list(attack_names),
             "reference_models": reference_models if audit else 0,
             "fpr": LEAKAGE_FPR,
         },
+        "ledger_scope": {
+            "mode": "lifetime" if state is not None else "research",
+            "state_dir": None if state is None else str(state),
+            "lifetime_budgets": None if state is None else {str(k): v for k, v in lifetime.items()},
+            "text": scope,
+        },
+        "requirements": None if req is None else {
+            "name": req.name, "source": req.source, "profile": req.to_dict(),
+            "checks": [c.to_dict() for c in checks], "met": not unmet, "unmet": [c.text for c in unmet],
+        },
+        "recommendations": None,
+        "sweep_privacy": None,
         "notes": notes,
         "config": cfg.to_dict(),
         "points": [{**p.to_dict(), "private": p.private, "status": "pending", "run_dir": f"points/{p.slug}"}
@@ -637,11 +1359,35 @@ def tune_budgets(
 
     def save() -> None:
         _add_baseline_deltas(result["points"])
+        recs = None
+        if req is not None:
+            recs = recommend_budgets(result["points"], n_peers, req, unmet=unmet)
+            missing = [r.peer for r in recs if not r.recommended]
+            result["recommendations"] = {
+                "accuracy_metric": ACCURACY_METRIC, "accuracy_metric_text": ACCURACY_METRIC_TEXT,
+                "qualifies": QUALIFIES_TEXT + (AUDIT_QUALIFIES_TEXT if audit_required else "") + ".",
+                "all_recommended": not missing, "missing": missing,
+                "peers": {str(r.peer): r.to_dict() for r in recs},
+                "release": release_budgets(result["points"], recs, lifetime=state is not None),
+            }
+        sp = sweep_privacy(result, recs, lifetime, state)
+        result["sweep_privacy"] = sp
+        result["notes"] = [*static_notes, sp["statement"], _sweep_numbers_note(sp)]
         _write_json(json_path, result)
         atomic_write_bytes(md_path, render_tune_markdown(result).encode("utf-8"))
 
-    save()
     total = len(points)
+    if unmet:  # no budget can fix these: nothing trains (a sweep spends privacy of its own)
+        why = "not run: the config does not meet requirements no budget can fix (" + "; ".join(c.fix for c in unmet) + ")"
+        for i, p in enumerate(points):
+            result["points"][i] = {**result["points"][i], "status": "skipped", "reason": why}
+        logger.error("the config does not meet the requirements: %s", "; ".join(c.text for c in unmet))
+        result["finished"] = utc_now()
+        result["files"]["png"] = None
+        save()
+        return result
+
+    save()
     try:
         for i, (p, pc) in enumerate(zip(points, point_cfgs, strict=True)):
             run_dir = out / "points" / p.slug
@@ -655,6 +1401,7 @@ def tune_budgets(
                 and summary_file(run_dir).is_file()
                 and config_file(run_dir).is_file()
                 and config_file(run_dir).read_text(encoding="utf-8") == dump_toml(pc)
+                and reused.get("ledger_mode", "research") == ("lifetime" if state is not None else "research")
             ):
                 entry = dict(reused)
                 entry["resumed"] = True
@@ -662,9 +1409,14 @@ def tune_budgets(
                 if audit_fn is not None and (entry.get("leakage") or {}).get("status") != "audited":
                     entry["leakage"] = _audit_point(audit_fn, run_dir, pc, attack_names, reference_models,
                                                     progress, i, total, label, out)
+            elif state is not None and (refusal := _state_refusal(p, cfg, state, lifetime)) is not None:
+                logger.warning("sweep point %s refused: %s", label, refusal)
+                entry = {**result["points"][i], "status": "refused", "reason": refusal,
+                         "ledger_mode": "lifetime"}
             else:
                 t0 = time.perf_counter()
                 records: list[dict[str, Any]] = []
+                before = _ledger_counts(state, n_peers)
                 try:
                     def on_round(record: dict[str, Any], _i: int = i, _label: str = label,
                                  _records: list[dict[str, Any]] = records) -> None:
@@ -672,16 +1424,28 @@ def tune_budgets(
                         if progress is not None:
                             progress(TuneEvent("round", _i, total, _label, record))
 
-                    summary = run_federation_for_tune(pc, run_dir, on_round=on_round, plot=plot)
+                    extra: dict[str, Any] = {} if state is None else {"state_root": state}
+                    summary = run_federation_for_tune(pc, run_dir, on_round=on_round, plot=plot, **extra)
                     entry = _point_from_summary(p, pc, summary, records, run_dir, out)
                 except SecureDFMLError as exc:
-                    logger.error("sweep point %s failed: %s", label, exc)
-                    entry = {**result["points"][i], "status": "failed", "error": str(exc),
-                             "error_type": type(exc).__name__, "seconds": time.perf_counter() - t0}
+                    if isinstance(exc, PrivacyValidationError) and not records and any(before.values()):
+                        # nothing trained: no noise fits what the lifetime ledgers have left for this point
+                        logger.warning("sweep point %s refused: %s", label, exc)
+                        entry = {**result["points"][i], "status": "refused",
+                                 "reason": f"refused before training, nothing charged: {exc}"}
+                    else:
+                        logger.error("sweep point %s failed: %s", label, exc)
+                        entry = {**result["points"][i], "status": "failed", "error": str(exc),
+                                 "error_type": type(exc).__name__, "seconds": time.perf_counter() - t0}
                 except Exception as exc:  # noqa: BLE001 - one failed point must not end the sweep
                     logger.exception("sweep point %s failed", label)
                     entry = {**result["points"][i], "status": "failed", "error": f"{type(exc).__name__}: {exc}",
                              "error_type": type(exc).__name__, "seconds": time.perf_counter() - t0}
+                entry["ledger_mode"] = "lifetime" if state is not None else "research"
+                if p.private and entry["status"] != "refused":
+                    _attach_charges(entry, _point_ledgers(
+                        run_dir, n_peers, state=state, before=before, finished=entry["status"] == "done",
+                        accountant=None if req is None else req.privacy.accountant))
                 if entry["status"] == "done" and audit_fn is not None:
                     entry["leakage"] = _audit_point(audit_fn, run_dir, pc, attack_names, reference_models,
                                                     progress, i, total, label, out)
@@ -702,10 +1466,27 @@ def tune_budgets(
     return result
 
 
+def _archive_point_ledgers(out: Path) -> None:
+    """Before ``--overwrite`` removes ``out/points``: keep every point's ledgers
+    in ``out/ledger-archive/<time>/`` (spent budget is never deleted)."""
+    found = [d for d in sorted((out / "points").glob("*")) if ledgers_dir(d).is_dir()]
+    if not found:
+        return
+    dest = out / "ledger-archive" / time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = dest.with_name(f"{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    for d in found:
+        shutil.copytree(ledgers_dir(d), dest / d.name)
+    logger.warning("the ledgers of the replaced sweep's points are kept in %s", dest)
+
+
 def run_federation_for_tune(cfg: RunConfig, run_dir: Path, *, on_round: Callable[[dict[str, Any]], None],
-                            plot: bool) -> dict[str, Any]:
-    """One point's run (its own run directory; an earlier one is replaced only when the new run succeeds)."""
-    return run_federation(cfg, run_dir, overwrite=True, on_round=on_round, plot=plot)
+                            plot: bool, state_root: Path | None = None) -> dict[str, Any]:
+    """One point's run (its own run directory; an earlier one is replaced only when the new run succeeds);
+    ``state_root``: charge the peers' lifetime ledgers there (``run --state``)."""
+    return run_federation(cfg, run_dir, overwrite=True, on_round=on_round, plot=plot, state_root=state_root)
 
 
 def _audit_point(audit_fn: Callable[..., dict[str, Any]], run_dir: Path, cfg: RunConfig, attacks: Sequence[str],
@@ -752,7 +1533,7 @@ def point_rows(result: Mapping[str, Any], *, compact: bool = False) -> tuple[lis
     for p in result["points"]:
         label = p["label"] + ("" if p["private"] or compact else " (non-private)")
         if p["status"] != "done":
-            why = p.get("error", "") if p["status"] == "failed" else ""
+            why = p.get("error", "") if p["status"] == "failed" else ("" if compact else p.get("reason", ""))
             rows.append([label, p["status"].upper() + (f": {why}" if why else "")] + [""] * (len(head) - 2))
             continue
         ov = (p.get("overhead") or {}).get("seconds_per_round")
@@ -788,6 +1569,56 @@ def point_rows(result: Mapping[str, Any], *, compact: bool = False) -> tuple[lis
                 row += [str(lk.get("status", "-")) + (f": {lk['error']}" if lk.get("error") else ""), "-"]
         rows.append(row)
     return head, rows
+
+
+def recommendation_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-peer recommendations (tune.md and the CLI); empty without requirements."""
+    recs = result.get("recommendations")
+    if not recs:
+        return [], []
+    head = ["peer", "arch", "max epsilon", "recommended epsilon", "ledger epsilon", "global %", "vs non-private",
+            "why"]
+    rows: list[list[str]] = []
+    for pid, r in sorted(recs["peers"].items(), key=lambda kv: int(kv[0])):
+        lim = "-" if r.get("max_epsilon") is None else _num(r["max_epsilon"])
+        if r["recommended"]:
+            cost = r.get("accuracy_cost")
+            rows.append([pid, str(r.get("arch") or "?"), lim, _num(r["epsilon"]) if r.get("epsilon") is not None
+                         else "-", "-" if r.get("epsilon_spent") is None else f"{r['epsilon_spent']:.3g}",
+                         pct(r.get("accuracy")), "-" if cost is None else f"{-100 * cost:+.1f} pts",
+                         f"point {r['point']}: {r['reason']}"])
+        else:
+            rows.append([pid, str(r.get("arch") or "?"), lim, "NONE", "-", "-", "-", r["reason"]])
+    return head, rows
+
+
+def sweep_privacy_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of what the sweep itself spent, per peer (tune.md and the CLI)."""
+    sp = result.get("sweep_privacy")
+    if not sp:
+        return [], []
+    lifetime = (result.get("ledger_scope") or {}).get("mode") == "lifetime"
+    head = ["peer", "DP points", "sum of spent epsilon (basic composition)", "recommended epsilon"]
+    # under --state a release after the sweep is charged to the same ledger (and refused past its budget)
+    head += ["lifetime ledger now", "lifetime budget"] if lifetime else ["sum + recommended (a release after the sweep)"]
+    rows: list[list[str]] = []
+    for pid, r in sorted(sp["peers"].items(), key=lambda kv: int(kv[0])):
+        row = [pid, str(r["dp_points"]), f"{r['sum_epsilon']:.3g}",
+               "-" if r.get("recommended_epsilon") is None else _num(r["recommended_epsilon"])]
+        if lifetime:
+            row += ["-" if r.get("lifetime_ledger_epsilon") is None else f"{r['lifetime_ledger_epsilon']:.3g}",
+                    "-" if r.get("lifetime_budget") is None else _num(r["lifetime_budget"])]
+        else:
+            row.append("-" if r.get("release_after_sweep_epsilon") is None else f"{r['release_after_sweep_epsilon']:.3g}")
+        rows.append(row)
+    return head, rows
+
+
+def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]], *, left: Sequence[int] = (0,)) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join("---" if i in left else "---:" for i in range(len(head))) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows]
+    return lines
 
 
 def render_tune_markdown(result: Mapping[str, Any]) -> str:
@@ -841,6 +1672,29 @@ def render_tune_markdown(result: Mapping[str, Any]) -> str:
                 else:
                     cells.append(pct(v.get("global_acc")))
             lines.append(f"| {p['label']} | " + " | ".join(cells) + " |")
+    req = result.get("requirements")
+    if req:
+        lines += ["", f"## Requirements: {req['name']}" + (f" ({req['source']})" if req.get("source") else ""), ""]
+        if not req["checks"]:
+            lines.append("- the requirements set nothing that the config alone decides.")
+        for c in req["checks"]:
+            lines.append(f"- {c['text']}" if c["met"] else f"- **{c['text']}**")
+    head, rows = recommendation_rows(result)
+    if head:
+        recs = result["recommendations"]
+        lines += ["", "## Recommended budget per peer", "",
+                  f"Accuracy metric: {recs['accuracy_metric_text']}; {recs['qualifies']} Ties go to the smaller "
+                  "epsilon.", ""]
+        lines += _md_table(head, rows, left=(0, 1, len(head) - 1))
+        if recs.get("release"):
+            lines += ["", f"Release: {recs['release']['text']}"]
+    sp = result.get("sweep_privacy")
+    if sp:
+        lines += ["", "## What the sweep itself spent", "", sp["statement"], ""]
+        lines += _md_table(*sweep_privacy_rows(result))
+    scope = result.get("ledger_scope")
+    if scope:
+        lines += ["", f"Ledgers: {scope['text']}"]
     lines.append("")
     return "\n".join(lines)
 
