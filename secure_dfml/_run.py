@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -109,6 +110,15 @@ def _seeds(seed: int, n: int) -> list[int]:
     return [int(s.generate_state(1, dtype=np.uint64)[0]) for s in np.random.SeedSequence(seed).spawn(n)]
 
 
+def init_seed(federation_id: str, seed: int, arch: str) -> int:
+    """The seed of architecture ``arch``'s initial weights in a federation: derived
+    from public values only, so every peer of one architecture starts from the same
+    weights (their averages are averages of related models from round 1) with no
+    coordinator and nothing private in it."""
+    digest = hashlib.sha256(f"secure-dfml init|{federation_id}|{int(seed)}|{arch}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 def load_federation_data(cfg: RunConfig) -> tuple[ArrayDataset, FederatedSplit]:
     """The data set and per-peer split a run with ``cfg`` uses (deterministic in the seed)."""
     data_seed, split_seed = _seeds(cfg.federation.seed, 2 + cfg.federation.peers)[:2]
@@ -147,6 +157,11 @@ class FederationPlan:
         return build_model(
             arch, input_shape=self.input_shape, num_classes=self.num_classes, kind=self.kind, generator=generator
         )
+
+    def initial_model(self, arch: str) -> torch.nn.Module:
+        """The federation's initial model of ``arch`` (:func:`init_seed`)."""
+        f = self.cfg.federation
+        return self.model(arch, torch.Generator().manual_seed(init_seed(f.id, f.seed, arch)))
 
     def _own_records(self, peer_id: int, path: str, seed: int) -> tuple[np.ndarray, ...]:
         """Peer ``peer_id``'s records from its own ``path`` (train, labels, local test,
@@ -193,7 +208,7 @@ class FederationPlan:
             empty_x = torch.empty((0, *self.input_shape))
             empty_y = torch.empty((0,), dtype=torch.int64)
             return PeerState(
-                peer_id=peer_id, arch=self.archs[0], model=self.model(self.archs[0], torch.Generator().manual_seed(self.peer_seeds[0])),
+                peer_id=peer_id, arch=self.archs[0], model=self.initial_model(self.archs[0]),
                 x_train=empty_x, y_train=empty_y, x_local_test=empty_x, y_local_test=empty_y,
                 num_classes=self.num_classes, generator=torch.Generator().manual_seed(self.peer_seeds[0]),
             )
@@ -221,7 +236,7 @@ class FederationPlan:
         return PeerState(
             peer_id=peer_id,
             arch=self.archs[peer_id],
-            model=self.model(self.archs[peer_id], torch.Generator().manual_seed(seed)),
+            model=self.initial_model(self.archs[peer_id]),
             x_train=x_train,
             y_train=y_train,
             x_local_test=torch.from_numpy(np.ascontiguousarray(xt_np, dtype=np.float32)),

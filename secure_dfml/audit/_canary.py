@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from secure_dfml.audit._epsilon import LedgerComparison, ledger_entry, one_run_audit
+from secure_dfml.audit._epsilon import LedgerComparison, ledger_entry, one_run_attainable, one_run_audit
 from secure_dfml.audit.report import Finding, finding, finding_line, html_table, render_simple_html
 from secure_dfml.errors import AuditError
 
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 CANARY_FORMAT = "secure-dfml-canary-audit"
-CANARY_VERSION = 2  # 2: findings are {level, text} records (were strings)
+CANARY_VERSION = 3  # 2: findings are {level, text} records (were strings); 3: pooled test, attainable_epsilon
 _K_FRACTIONS = (0.1, 0.25, 0.5)
 
 
@@ -151,6 +151,7 @@ def canary_peer_entry(
         "canaries_included": int(included.sum()),
         "train_samples_without_canaries": int(train_samples),
         **res.to_dict(),
+        "attainable_epsilon": one_run_attainable(m, k_pos=k_pos, k_neg=k_neg, confidence=confidence, delta=delta),
         "mean_score_included": float(scores[included].mean()) if included.any() else None,
         "mean_score_excluded": float(scores[~included].mean()) if (~included).any() else None,
         "canary_indices": draw.chosen[peer].tolist(),
@@ -167,38 +168,95 @@ def canary_peer_entry(
     return entry, cmp
 
 
+def standardized_scores(scores: np.ndarray) -> np.ndarray:
+    """Each peer's canary scores standardised over its own canaries (zero mean,
+    unit spread), so that canaries scored by different models can be ranked
+    together. A function of the models' outputs only, as the audit requires."""
+    s = np.asarray(scores, dtype=np.float64)
+    spread = s.std(axis=1, keepdims=True)
+    return (s - s.mean(axis=1, keepdims=True)) / np.where(spread > 0, spread, 1.0)
+
+
+def pooled_canary_entry(
+    scores: np.ndarray,
+    draw: CanaryDraw,
+    *,
+    confidence: float,
+    statuses: Sequence[Mapping[str, Any] | None],
+) -> tuple[dict[str, Any], LedgerComparison | None]:
+    """The federation-wide audit: every peer's canaries in one test.
+
+    Each canary sits in exactly one peer's data and reaches the released models
+    only through that peer's DP-SGD (everything else is post-processing), so the
+    whole federation's output is (max_i eps_i, max_i delta_i)-DP with respect
+    to any one canary, and the one-run bound over all ``peers * m`` canaries
+    bounds the largest ledger epsilon from below. Many more canaries make this
+    test far stronger than any single peer's (see ``attainable_epsilon``).
+    ``scores`` is (peers, m): each canary scored by its own peer's final model.
+    """
+    z = standardized_scores(scores).ravel()
+    included = draw.included.ravel()
+    m = int(z.size)
+    k_pos, k_neg = canary_k_grid(m)
+    private = all(st is not None for st in statuses)
+    delta = max((float(st.get("delta") or 0.0) for st in statuses if st is not None), default=0.0)
+    res = one_run_audit(z, included, k_pos=k_pos, k_neg=k_neg, confidence=confidence, delta=delta)
+    entry: dict[str, Any] = {
+        "canaries": m,
+        "canaries_included": int(included.sum()),
+        **res.to_dict(),
+        "attainable_epsilon": one_run_attainable(m, k_pos=k_pos, k_neg=k_neg, confidence=confidence, delta=delta),
+        "score": "minus the loss on the canary's label under its own peer's final model, standardised per peer",
+    }
+    spent = [st.get("epsilon_spent") for st in statuses if st is not None] if private else []
+    ceiling = max((float(e) for e in spent if e is not None), default=None) if private else None
+    ledger, cmp = ledger_entry(res.epsilon_lower_bound, ceiling, delta if private else None,
+                               what="the federation (all peers' canaries pooled; against the largest ledger epsilon)")
+    entry.update(ledger)
+    return entry, cmp
+
+
 def canary_findings(
     peers: Mapping[str, Mapping[str, Any]],
+    pooled: Mapping[str, Any],
     comparisons: Sequence[LedgerComparison],
     *,
     private: bool,
     confidence: float,
     per_peer: int,
 ) -> list[Finding]:
-    """The findings of a canary audit: FAILs first, then what the bounds say."""
+    """The findings of a canary audit: FAILs first, then what the bounds say and
+    how strong the audit was."""
     fail = any(c.failed for c in comparisons)
     findings = [finding("fail", c.message) for c in comparisons if c.failed]
-    lbs = [e["epsilon_lower_bound"] for e in peers.values()]
+    best = max([pooled["epsilon_lower_bound"], *(e["epsilon_lower_bound"] for e in peers.values())])
     if not private:
         findings.append(finding(
-            "leak" if max(lbs) > 0 else "note",
-            f"The run is NON-PRIVATE (epsilon = inf). Largest canary lower bound: eps >= {max(lbs):.3f} "
+            "leak" if best > 0 else "note",
+            f"The run is NON-PRIVATE (epsilon = inf). Largest canary lower bound: eps >= {best:.3f} "
             f"at {confidence:.0%} confidence" + (" -- the models measurably memorise their training data."
-                                                 if max(lbs) > 0 else "."),
+                                                 if best > 0 else "."),
         ))
     elif not fail:
         findings.append(finding(
             "note",
-            f"No peer's canary lower bound exceeds its ledger epsilon (largest lower bound {max(lbs):.3f}): "
+            f"No canary lower bound exceeds a ledger epsilon (largest lower bound {best:.3f}): "
             "consistent with the DP claim. This does not prove the claim; one-run audits with black-box "
             "scores are far from tight.",
         ))
+    findings.append(finding(
+        "note",
+        f"Audit strength: with every guess right, this audit could show at most eps >= "
+        f"{pooled['attainable_epsilon']:.3f} for the federation ({pooled['canaries']} canaries pooled) and eps >= "
+        f"{max(e['attainable_epsilon'] for e in peers.values()):.3f} for one peer ({per_peer} canaries); a larger "
+        "epsilon can never be detected by it.",
+    ))
     k_pos, k_neg = canary_k_grid(per_peer)
     findings.append(finding(
         "note",
-        f"{per_peer} canaries per peer from the auditor pool, wrong labels, each included with probability 1/2; "
-        f"guesses from the top k_pos / bottom k_neg scores of each peer's final model, (k_pos, k_neg) over "
-        f"{k_pos} x {k_neg} with a Bonferroni correction (Steinke, Nasr, Jagielski 2023).",
+        f"{per_peer} canaries per peer, each included in its peer's training data with probability 1/2; guesses "
+        f"from the top k_pos / bottom k_neg scores, per peer over (k_pos, k_neg) in {k_pos} x {k_neg} and pooled "
+        f"over all peers' standardised scores, each with a Bonferroni correction (Steinke, Nasr, Jagielski 2023).",
     ))
     return findings
 
@@ -206,6 +264,11 @@ def canary_findings(
 def _eps_text(e: Mapping[str, Any]) -> str:
     v = e.get("ledger_epsilon")
     return "inf (non-private)" if v is None else f"{v:.3f}"
+
+
+def _rows(r: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """Table rows: every peer, then the pooled test (``pooled``)."""
+    return [*r["peers"].items(), *([("pooled", r["pooled"])] if r.get("pooled") else [])]
 
 
 def render_canary_markdown(r: Mapping[str, Any]) -> str:
@@ -216,12 +279,13 @@ def render_canary_markdown(r: Mapping[str, Any]) -> str:
         f"{r['canaries_per_peer']} canaries per peer, confidence {r['confidence']:.0%}, {r['rounds']} rounds, "
         f"{'DP' if r['private'] else 'NON-PRIVATE'}.",
         "",
-        "| peer | arch | included | guesses r | correct v | eps lower bound | ledger eps | status |",
-        "|---:|---|---:|---:|---:|---:|---:|---|",
+        "| peer | arch | included | guesses r | correct v | eps lower bound | attainable | ledger eps | status |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for pid, e in r["peers"].items():
-        lines.append(f"| {pid} | {e['arch']} | {e['canaries_included']}/{e['canaries']} | {e['r']} | {e['v']} | "
-                     f"{e['epsilon_lower_bound']:.3f} | {_eps_text(e)} | {e['status']} |")
+    for pid, e in _rows(r):
+        lines.append(f"| {pid} | {e.get('arch', 'all')} | {e['canaries_included']}/{e['canaries']} | {e['r']} | "
+                     f"{e['v']} | {e['epsilon_lower_bound']:.3f} | {e['attainable_epsilon']:.3f} | {_eps_text(e)} | "
+                     f"{e['status']} |")
     lines += ["", "## Findings", ""] + [f"- {finding_line(f)}" for f in r["findings"]]
     lines += ["", "A lower bound that stays below the ledger epsilon is consistent with the privacy claim; it never "
               "proves it.", ""]
@@ -230,15 +294,16 @@ def render_canary_markdown(r: Mapping[str, Any]) -> str:
 
 def render_canary_html(r: Mapping[str, Any]) -> str:
     """``canary.html``: a self-contained page in the audit report's style."""
-    rows = [[pid, e["arch"], f"{e['canaries_included']}/{e['canaries']}", e["r"], e["v"], e["k_pos"], e["k_neg"],
-             f"{e['epsilon_lower_bound']:.3f}", _eps_text(e), e["status"]] for pid, e in r["peers"].items()]
+    rows = [[pid, e.get("arch", "all"), f"{e['canaries_included']}/{e['canaries']}", e["r"], e["v"], e["k_pos"],
+             e["k_neg"], f"{e['epsilon_lower_bound']:.3f}", f"{e['attainable_epsilon']:.3f}", _eps_text(e), e["status"]]
+            for pid, e in _rows(r)]
     body = [
         "<h2>Per peer</h2>",
         f"<p>{r['canaries_per_peer']} canaries per peer, confidence {r['confidence']:.0%}, {r['rounds']} rounds, "
         f"{'DP' if r['private'] else 'NON-PRIVATE'}; final mean global accuracy "
         f"{'n/a' if r['mean_global_acc'] is None else format(r['mean_global_acc'], '.3f')}.</p>",
         html_table(["peer", "arch", "included", "guesses r", "correct v", "k_pos", "k_neg", "eps lower bound",
-                    "ledger eps", "status"], rows, fail_col=9),
+                    "attainable", "ledger eps", "status"], rows, fail_col=10),
         "<p class='caveat'>" + html.escape(
             "A lower bound that stays below the ledger epsilon is consistent with the privacy claim; it never proves "
             "it. FAIL means the measured leakage is impossible under the claimed epsilon.") + "</p>",

@@ -46,6 +46,7 @@ __all__ = [
     "compare_with_ledger",
     "dp_consistency_violations",
     "epsilon_lower_bound_from_scores",
+    "one_run_attainable",
     "one_run_audit",
     "one_run_epsilon_lower_bound",
     "one_run_p_value",
@@ -127,6 +128,15 @@ class OneRunResult:
         return dict(self.__dict__)
 
 
+def _pairs(m: int, k_pos: int | Sequence[int], k_neg: int | Sequence[int]) -> list[tuple[int, int]]:
+    kp = [int(k_pos)] if np.isscalar(k_pos) else [int(k) for k in k_pos]  # type: ignore[arg-type]
+    kn = [int(k_neg)] if np.isscalar(k_neg) else [int(k) for k in k_neg]  # type: ignore[arg-type]
+    pairs = [(a, b) for a in kp for b in kn if a >= 0 and b >= 0 and a + b <= m and a + b > 0]
+    if not pairs:
+        raise AuditError(f"no valid (k_pos, k_neg) with 0 < k_pos + k_neg <= m={m}")
+    return pairs
+
+
 def one_run_audit(
     scores: Any,
     included: Any,
@@ -149,11 +159,7 @@ def one_run_audit(
         raise AuditError("scores and included must be 1-D arrays of one length")
     _check_confidence(confidence)
     m = int(s.size)
-    kp = [int(k_pos)] if np.isscalar(k_pos) else [int(k) for k in k_pos]  # type: ignore[arg-type]
-    kn = [int(k_neg)] if np.isscalar(k_neg) else [int(k) for k in k_neg]  # type: ignore[arg-type]
-    pairs = [(a, b) for a in kp for b in kn if a >= 0 and b >= 0 and a + b <= m and a + b > 0]
-    if not pairs:
-        raise AuditError(f"no valid (k_pos, k_neg) with 0 < k_pos + k_neg <= m={m}")
+    pairs = _pairs(m, k_pos, k_neg)
     order = np.argsort(-s, kind="mergesort")
     inc_sorted = inc[order]
     correct_top = np.concatenate([[0], np.cumsum(inc_sorted)])
@@ -167,6 +173,24 @@ def one_run_audit(
             best = OneRunResult(m, a + b, v, a, b, confidence, delta, eps, len(pairs))
     assert best is not None
     return best
+
+
+def one_run_attainable(
+    m: int,
+    *,
+    k_pos: int | Sequence[int],
+    k_neg: int | Sequence[int] = 0,
+    confidence: float = 0.95,
+    delta: float = 0.0,
+) -> float:
+    """The largest lower bound :func:`one_run_audit` can ever report with ``m``
+    canaries and this guess grid: every guess right, for the best (k_pos, k_neg),
+    under the same Bonferroni correction. An audit's strength: a mechanism with a
+    larger epsilon can never be shown to leak more than this."""
+    _check_confidence(confidence)
+    pairs = _pairs(int(m), k_pos, k_neg)
+    per_conf = 1.0 - (1.0 - confidence) / len(pairs)
+    return max(one_run_epsilon_lower_bound(int(m), a + b, a + b, confidence=per_conf, delta=delta) for a, b in pairs)
 
 
 def clopper_pearson(k: int, n: int, *, confidence: float = 0.95) -> tuple[float, float]:

@@ -46,6 +46,7 @@ from secure_dfml._jsonutil import json_text
 from secure_dfml.audit._attacks import ATTACKS, get_attack
 from secure_dfml.audit._epsilon import (
     LedgerComparison,
+    clopper_pearson_epsilon_lower_bound,
     dp_consistency_violations,
     epsilon_lower_bound_from_scores,
     ledger_entry,
@@ -580,6 +581,7 @@ def audit_run_dir(
         led = ledgers.get(owner)
         delta = led.delta if led is not None and led.delta is not None else 0.0
         best: dict[str, Any] | None = None
+        attainable = 0.0  # what a perfect attack would show on the same counts: the audit's strength
         for e in target_entries:
             if e["_owner"] != owner:
                 continue
@@ -589,6 +591,9 @@ def audit_run_dir(
                     cb = epsilon_lower_bound_from_scores(r.scores, r.labels, rng=eps_rng, delta=delta,
                                                          confidence=per_conf)
                     lb: dict[str, Any] = {**cb.to_dict(), "reason": None}
+                    perfect = clopper_pearson_epsilon_lower_bound(cb.n_members, cb.n_members, 0, cb.n_nonmembers,
+                                                                  delta=delta, confidence=per_conf)
+                    attainable = max(attainable, perfect.epsilon_lower_bound)
                 except AuditError as exc:
                     lb = {"epsilon_lower_bound": 0.0, "reason": str(exc), "confidence": per_conf, "delta": delta}
                 e["attacks"][name]["epsilon_lower_bound"] = lb
@@ -603,6 +608,7 @@ def audit_run_dir(
             "data_owner": owner,
             "targets": keys,
             "empirical_epsilon_lower_bound": best["epsilon_lower_bound"],
+            "attainable_epsilon": attainable,
             "best": {"target": best["target"], "attack": best["attack"]},
             "confidence": confidence,
             "tests_corrected_for": tests,

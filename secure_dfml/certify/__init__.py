@@ -43,8 +43,11 @@ from secure_dfml.certify._requirements import (
     PrivacyRequirements,
     Requirements,
     RequirementsError,
+    list_profiles,
     load_requirements,
+    profiles_dir,
     requirements_from_dict,
+    requirements_profile,
 )
 
 __all__ = [
@@ -73,12 +76,15 @@ __all__ = [
     "code_fingerprint",
     "failed",
     "group_sizes",
+    "list_profiles",
     "load_requirements",
     "load_signing_key",
     "load_verify_key",
     "read_manifest",
     "render_html",
+    "profiles_dir",
     "requirements_from_dict",
+    "requirements_profile",
     "verify",
     "write_auditor_key",
     "write_manifest",

@@ -38,11 +38,14 @@ from secure_dfml.certify._manifest import (
     sha256_hex,
 )
 from secure_dfml.certify._requirements import Requirements
+from secure_dfml.config import RunConfig
 from secure_dfml.crypto import KeyFileError, write_key_file
 from secure_dfml.errors import RunDirectoryError, SecureDFMLError
 from secure_dfml.privacy import ADJACENCY, SECURE_LABEL, PrivacyLedger, compute_epsilon
 from secure_dfml.rundir import (
     AUDIT,
+    CANARY,
+    CANARY_RESULTS,
     check_run_dir,
     read_config,
     read_metrics,
@@ -265,6 +268,7 @@ def _audit_requirements(
         known = [v for v in claimed.values() if v is not None]
         best = max((b for _, b in bounds), default=None)
         ev["max_epsilon_lower_bound"] = best
+        ev["attainable_epsilon"] = _mia_attainable(results)
         evidence.append(ev)
         for owner, lb in bounds:
             ceiling = claimed.get(int(owner)) if isinstance(owner, int) else (max(known) if known else None)
@@ -275,6 +279,65 @@ def _audit_requirements(
                                  "do not hold for this run",
                                  peer=owner if isinstance(owner, int) else None))
     return rows, evidence
+
+
+def _mia_attainable(results: Mapping[str, Any]) -> float | None:
+    """The largest epsilon lower bound a membership-inference audit could have
+    reported (a perfect attack on the same counts; the audit records it per data owner)."""
+    values = [float(p["attainable_epsilon"]) for p in (results.get("peers") or {}).values()
+              if isinstance(p, Mapping) and isinstance(p.get("attainable_epsilon"), (int, float))]
+    return max(values, default=None)
+
+
+def _canary_requirements(
+    run_dir: Path, cfg: RunConfig, req: Requirements, claimed: Mapping[int, float | None]
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The canary audit of this run's configuration (``audit/canary/canary.json``):
+    its lower bound against the ledgers, and its strength against ``min_strength``."""
+    path = run_dir / AUDIT / CANARY / CANARY_RESULTS
+    rows: list[dict[str, Any]] = []
+    need = req.audits.min_strength
+    if not path.is_file():
+        if need is not None:
+            rows.append(_req("audit strength", FAIL, f"no canary audit: audit/{CANARY}/{CANARY_RESULTS} is missing "
+                                                     f"(run `secure-dfml audit canary --run RUN`, or certify with "
+                                                     f"--run-audits), so min_strength {need:g} is not shown"))
+        return rows, None
+    try:
+        res = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirectoryError(f"{path} is unreadable: {exc}") from exc
+    where = f"audit/{CANARY}/{CANARY_RESULTS}"
+    if not isinstance(res, dict) or not isinstance(res.get("pooled"), dict):
+        rows.append(_req("canary audit", FAIL, f"{where} is from an older version without a pooled test and its "
+                                               "strength; run the canary audit again"))
+        return rows, None
+    if res.get("config") != cfg.to_dict():
+        rows.append(_req("canary audit", FAIL, f"{where} audited another configuration than this run's config.toml; "
+                                               "run the canary audit of this run again"))
+    lb = float(res.get("epsilon_lower_bound") or 0.0)
+    attainable = float(res.get("attainable_epsilon") or 0.0)
+    ev = {"threat_model": CANARY, "status": "audited", "canaries": res["pooled"].get("canaries"),
+          "max_epsilon_lower_bound": lb, "attainable_epsilon": attainable, "max_auc_upper_bound": None,
+          "note": "a separate training run of this configuration with canaries (evidence about the implementation "
+                  "and its accounting under this configuration, not about the released models)"}
+    known = [v for v in claimed.values() if v is not None]
+    if res.get("fail") is True:
+        rows.append(_req("canary audit lower bound", FAIL, "the canary audit's lower bound exceeds its own run's "
+                                                           "ledger epsilon (canary.json: fail = true)"))
+    elif known and lb > max(known) * (1 + 1e-9):
+        rows.append(_req("canary audit lower bound", FAIL, f"canary lower bound {lb:.3g} exceeds the largest ledger "
+                                                           f"epsilon {max(known):.3g}"))
+    else:
+        rows.append(_req("canary audit lower bound", PASS, f"largest canary lower bound {lb:.3g} does not exceed a "
+                                                           "ledger epsilon"))
+    if need is not None:
+        ok = attainable >= need
+        rows.append(_req("audit strength", PASS if ok else FAIL,
+                         f"the canary audit could show at most eps >= {attainable:.3g} ({ev['canaries']} canaries) "
+                         + (f">= min_strength {need:g}" if ok else
+                            f"< min_strength {need:g}: audit too weak; raise --canaries")))
+    return rows, ev
 
 
 def _assumptions(summary: Mapping[str, Any], peers: Mapping[int, Mapping[str, Any]], versions: Mapping[str, Any]) -> list[str]:
@@ -389,6 +452,10 @@ def certify(
                              f"{'>=' if ok else '<'} {ex.min_group_size}"))
     audit_rows, evidence = _audit_requirements(run_dir, requirements, claimed)
     rows += audit_rows
+    canary_rows, canary_ev = _canary_requirements(run_dir, cfg, requirements, claimed)
+    rows += canary_rows
+    if canary_ev is not None:
+        evidence.append(canary_ev)
     manifest = build_manifest(run_dir, include_manifest=True)
     run_manifest = manifest_file(run_dir)
     certified = all(r["status"] == PASS for r in rows)

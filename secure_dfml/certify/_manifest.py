@@ -28,6 +28,8 @@ from secure_dfml.errors import RunDirectoryError
 from secure_dfml.privacy import atomic_write_bytes
 from secure_dfml.rundir import (
     AUDIT,
+    CANARY,
+    CANARY_RESULTS,
     CAPTURE,
     CONFIG,
     LEDGERS,
@@ -106,6 +108,10 @@ def artifact_paths(run_dir: str | Path) -> list[str]:
     audit_root = base / AUDIT
     if audit_root.is_dir():
         paths += [f"{AUDIT}/{d.name}/{RESULTS}" for d in sorted(audit_root.iterdir()) if (d / RESULTS).is_file()]
+    canary = audit_root / CANARY
+    if (canary / CANARY_RESULTS).is_file():  # the canary audit and the budget its own run spent
+        paths.append(f"{AUDIT}/{CANARY}/{CANARY_RESULTS}")
+        paths += _files_under(canary / LEDGERS, base, recursive=False)
     return sorted(paths)
 
 

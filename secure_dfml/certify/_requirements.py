@@ -28,6 +28,7 @@ import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -43,8 +44,11 @@ __all__ = [
     "PrivacyRequirements",
     "Requirements",
     "RequirementsError",
+    "list_profiles",
     "load_requirements",
+    "profiles_dir",
     "requirements_from_dict",
+    "requirements_profile",
 ]
 
 
@@ -127,6 +131,9 @@ class AuditLimit:
 class AuditRequirements:
     threat_models_required: tuple[str, ...] = ()
     limits: Mapping[str, AuditLimit] = field(default_factory=lambda: MappingProxyType({}))
+    #: The canary audit must be present and able to show at least this epsilon
+    #: (its attainable lower bound, with every guess right); None: not required.
+    min_strength: float | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,7 @@ class Requirements:
                 "threat_models_required": list(self.audits.threat_models_required),
                 "limits": {k: {"max_auc": v.max_auc, "max_tpr": v.max_tpr, "at_fpr": v.at_fpr}
                            for k, v in sorted(self.audits.limits.items())},
+                "min_strength": self.audits.min_strength,
             },
         }
 
@@ -201,7 +209,7 @@ def _exchange(raw: Mapping[str, Any]) -> ExchangeRequirements:
 
 def _audits(raw: Mapping[str, Any]) -> AuditRequirements:
     w = "audits"
-    _keys(raw, ("threat_models_required", "limits"), w)
+    _keys(raw, ("threat_models_required", "limits", "min_strength"), w)
     tms = raw.get("threat_models_required", [])
     if not isinstance(tms, list) or not all(isinstance(t, str) and t for t in tms):
         raise _bad(f"{w}.threat_models_required", tms, 'a list of threat model names, e.g. ["final-model"]')
@@ -219,7 +227,8 @@ def _audits(raw: Mapping[str, Any]) -> AuditRequirements:
         if lim.max_tpr is not None and lim.at_fpr is None:
             raise RequirementsError(f"requirements: {where}.max_tpr needs {where}.at_fpr (e.g. at_fpr = 0.01)")
         limits[str(name)] = lim
-    return AuditRequirements(threat_models_required=tuple(tms), limits=MappingProxyType(limits))
+    return AuditRequirements(threat_models_required=tuple(tms), limits=MappingProxyType(limits),
+                             min_strength=_number(raw, "min_strength", w, low=0, high=None))
 
 
 def requirements_from_dict(raw: Mapping[str, Any], *, source: str | None = None) -> Requirements:
@@ -240,13 +249,34 @@ def requirements_from_dict(raw: Mapping[str, Any], *, source: str | None = None)
     )
 
 
+def profiles_dir() -> Path:
+    """The shipped requirement profiles (package data; ``audits/`` in a checkout)."""
+    return Path(str(resources.files("secure_dfml").joinpath("resources", "audits")))
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in profiles_dir().glob("*.toml"))
+
+
+def requirements_profile(name: str) -> Path:
+    """The path of the shipped profile ``name`` (e.g. ``hospital``)."""
+    path = profiles_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise RequirementsError(f"no requirements profile {name!r}; shipped profiles: {', '.join(list_profiles())}")
+    return path
+
+
 def load_requirements(path: str | Path) -> Requirements:
-    """Requirements from a TOML file; :class:`RequirementsError` names the bad field."""
+    """Requirements from a TOML file, or a shipped profile by name (``hospital``);
+    :class:`RequirementsError` names the bad field."""
     path = Path(path)
+    if not path.exists() and path.suffix == "" and len(path.parts) == 1 and path.name in list_profiles():
+        path = requirements_profile(path.name)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RequirementsError(f"requirements file {path} does not exist (profiles: audits/*.toml)") from None
+        raise RequirementsError(f"requirements file {path} does not exist; give a path, or a shipped profile by name: "
+                                f"{', '.join(list_profiles())}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RequirementsError(f"requirements file {path} cannot be read: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:

@@ -35,7 +35,8 @@ from secure_dfml.certify import check_run
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
 from secure_dfml.config import load_config
 from secure_dfml.errors import AuditError
-from secure_dfml.orchestration.canary import run_canary_audit
+from secure_dfml.orchestration.canary import DEFAULT_CANARIES, canary_dir, run_canary_audit
+from secure_dfml.rundir import check_run_dir, read_config
 
 __all__ = ["audit"]
 
@@ -182,12 +183,15 @@ def _print_eavesdropper(res: dict[str, Any]) -> None:
 def _print_canary(res: dict[str, Any]) -> None:
     table = Table(title=f"one-run canary audit: {res['canaries_per_peer']} canaries per peer, "
                         f"{res['confidence']:.0%} confidence")
-    for col in ("peer", "arch", "included", "guesses", "correct", "eps lower bound", "ledger eps", "status"):
+    for col in ("peer", "arch", "included", "guesses", "correct", "eps lower bound", "attainable", "ledger eps",
+                "status"):
         table.add_column(col)
-    for pid, e in res["peers"].items():
+    rows = [*res["peers"].items(), *([("pooled", res["pooled"])] if res.get("pooled") else [])]
+    for pid, e in rows:
         led = "inf (non-private)" if e.get("ledger_epsilon") is None else f"{e['ledger_epsilon']:.3f}"
-        table.add_row(pid, e["arch"], f"{e['canaries_included']}/{e['canaries']}", str(e["r"]), str(e["v"]),
-                      f"{e['epsilon_lower_bound']:.3f}", led, _status_style(e["status"]))
+        table.add_row(pid, e.get("arch", "all"), f"{e['canaries_included']}/{e['canaries']}", str(e["r"]), str(e["v"]),
+                      f"{e['epsilon_lower_bound']:.3f}", f"{e['attainable_epsilon']:.3f}", led,
+                      _status_style(e["status"]))
     console.print(table)
     _print_findings(res["findings"])
     console.print(f"results: [bold]{res['output_dir']}[/] (canary.json, canary.md, canary.html)")
@@ -224,10 +228,13 @@ def audit(
         "--reference-epochs", help="Training epochs of each reference model (default: from the run's schedule, 3-30).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the auditor's randomness.")] = 0,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Canary audit: the federation's TOML config.")] = None,
-    canaries: Annotated[int, typer.Option("--canaries", help="Canary audit: canaries per peer.")] = 50,
+    run: Annotated[Optional[Path], typer.Option(
+        "--run", help="Canary audit of a run: train its config.toml with canaries; results in RUN/audit/canary/.")] = None,
+    canaries: Annotated[int, typer.Option("--canaries", help="Canary audit: canaries per peer.")] = DEFAULT_CANARIES,
     confidence: Annotated[float, typer.Option("--confidence", help="Confidence of the epsilon lower bounds.")] = 0.95,
     out: Annotated[Optional[Path], typer.Option(
-        "--out", "-o", help="Canary audit: output folder (default audits/<time>-<federation>-canary).")] = None,
+        "--out", "-o", help="Canary audit: output folder (default RUN/audit/canary with --run, else "
+                            "runs/canary/<time>-<federation>).")] = None,
     list_models: Annotated[bool, typer.Option("--list-threat-models", help="List the threat models and exit.")] = False,
     format: Annotated[OutputFormat, typer.Option("--format", help="table or json.")] = OutputFormat.table,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
@@ -244,9 +251,12 @@ def audit(
                          "or --list-threat-models")
     rng = np.random.default_rng(seed)
     if target == "canary":
-        _canary(config=config, canaries=canaries, confidence=confidence, out=out, rng=rng, fmt=format,
+        _canary(config=config, run=run, canaries=canaries, confidence=confidence, out=out, rng=rng, fmt=format,
                 stray={"--threat-model": threat_model, "--attacks": attacks, "--peers": peers})
         return
+    if run is not None:
+        raise AuditError("--run belongs to the canary audit (secure-dfml audit canary --run RUN_DIR); to attack a "
+                         "run's models pass the run directory itself: secure-dfml audit RUN_DIR --threat-model NAME")
     if config is not None:
         raise AuditError("--config belongs to the canary audit (secure-dfml audit canary --config FILE); a run "
                          "directory carries its own config.toml")
@@ -266,12 +276,7 @@ def audit(
                          "(or 'canary' for a canary audit)")
     attack_list = _parse_attacks(attacks)
     peer_list = _parse_peers(peers)
-    tampered = [f for f in check_run(run_path) if f.severity == "error"]
-    if tampered:  # auditing edited evidence would report on a run that never happened
-        raise AuditError(
-            f"{run_path} fails its cross-checks, so it is not audited: "
-            + "; ".join(f"{f.artifact}: {f.problem}" for f in tampered)
-        )
+    _refuse_tampered(run_path)
     results = []
     with _progress(format) as prog:
         for name in names:
@@ -299,16 +304,33 @@ def audit(
         raise typer.Exit(code=1)
 
 
-def _canary(*, config: Path | None, canaries: int, confidence: float, out: Path | None, rng: np.random.Generator,
-            fmt: OutputFormat, stray: dict[str, Any]) -> None:
+def _refuse_tampered(run_path: Path) -> None:
+    tampered = [f for f in check_run(run_path) if f.severity == "error"]
+    if tampered:  # auditing edited evidence would report on a run that never happened
+        raise AuditError(
+            f"{run_path} fails its cross-checks, so it is not audited: "
+            + "; ".join(f"{f.artifact}: {f.problem}" for f in tampered)
+        )
+
+
+def _canary(*, config: Path | None, run: Path | None, canaries: int, confidence: float, out: Path | None,
+            rng: np.random.Generator, fmt: OutputFormat, stray: dict[str, Any]) -> None:
     given = [k for k, v in stray.items() if v is not None]
     if given:
         raise AuditError(f"{', '.join(given)} do not apply to the canary audit (it trains its own run)")
-    if config is None:
-        raise AuditError("the canary audit trains a federation: pass its config with --config FILE")
-    cfg = load_config(config)
+    if (config is None) == (run is None):
+        raise AuditError("the canary audit trains a federation: pass its config with --config FILE, or a finished "
+                         "run with --run RUN_DIR (its config.toml; results in RUN_DIR/audit/canary), not both")
+    if run is not None:
+        run_dir = check_run_dir(run)
+        _refuse_tampered(run_dir)
+        cfg = read_config(run_dir)
+        out = out if out is not None else canary_dir(run_dir)
+    else:
+        assert config is not None
+        cfg = load_config(config)
     if out is None:
-        out = Path("audits") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.federation.id}-canary"
+        out = Path("runs") / "canary" / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.federation.id}"
     with _progress(fmt) as prog:
         task = prog.add_task("building federation with canaries", total=cfg.federation.rounds)
 

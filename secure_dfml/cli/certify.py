@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -31,7 +32,8 @@ from secure_dfml.certify import (
 from secure_dfml.certify import (
     verify as verify_certificate,
 )
-from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json
+from secure_dfml.cli._common import OutputFormat, console, err_console, friendly_errors, print_json
+from secure_dfml.orchestration.certification import AuditStep, certify_with_audits
 
 
 @friendly_errors
@@ -39,12 +41,30 @@ def certify(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `secure-dfml run` or `launch`.")],
     requirements: Annotated[Path, typer.Option("--requirements", "-r", help="Requirements TOML (profiles: audits/hospital.toml, factory.toml, research.toml).")],
     signing_key: Annotated[Path, typer.Option("--signing-key", help="Auditor's private key (from `secure-dfml keys init --auditor`).")],
+    run_audits: Annotated[bool, typer.Option(
+        "--run-audits", help="First run the audits the requirements need that the run lacks (threat models, and a "
+                             "canary audit strong enough for [audits] min_strength); reuse those present.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the auditor's randomness for --run-audits.")] = 0,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.table,
 ) -> None:
     """Check a run against deployment requirements and write a signed certificate.json / certificate.html."""
     req = load_requirements(requirements)
     key = load_signing_key(signing_key)
-    cert = certify_run(run_dir, req, key)
+    if run_audits:
+        out = err_console if fmt is OutputFormat.json else console
+
+        def on_step(step: AuditStep) -> None:
+            what = f"canary audit, {step.canaries_per_peer} canaries per peer" if step.kind == "canary" else step.name
+            out.print(escape(f"running audit: {what} ({step.reason})"))
+
+        def progress(done: int, total: int, what: str) -> None:
+            if total and (done == total or done % max(1, total // 10) == 0):
+                out.print(escape(f"  {what} {done}/{total}"), highlight=False)
+
+        cert, _steps = certify_with_audits(run_dir, req, key, rng=np.random.default_rng(seed), on_step=on_step,
+                                           progress=progress)
+    else:
+        cert = certify_run(run_dir, req, key)
     if fmt is OutputFormat.json:
         print_json({k: v for k, v in cert.items() if k != "manifest"} | {"certificate": str(run_dir / CERTIFICATE)})
     else:

@@ -10,6 +10,7 @@ from secure_dfml.cli import budget, keys
 from secure_dfml.cli.audit import audit
 from secure_dfml.cli.certify import certify, verify
 from secure_dfml.cli.peer import launch, peer
+from secure_dfml.cli.pipeline import pipeline
 from secure_dfml.cli.run import run
 from secure_dfml.cli.tune import tune
 
@@ -31,6 +32,7 @@ app.command("peer")(peer)
 app.command("launch")(launch)
 app.command("certify")(certify)
 app.command("verify")(verify)
+app.command("pipeline")(pipeline)
 app.add_typer(keys.app, name="keys", help="Create and inspect per-peer signing and box keys.")
 app.add_typer(budget.app, name="budget", help="Plan privacy budgets and inspect ledgers.")
 

@@ -32,25 +32,34 @@ from secure_dfml.audit import (
     check_canary_settings,
     compute_signals,
     draw_canaries,
+    pooled_canary_entry,
     render_canary_html,
     render_canary_markdown,
 )
 from secure_dfml.config import RunConfig, dump_toml
 from secure_dfml.errors import AuditError
-from secure_dfml.rundir import CONFIG, ledgers_dir
+from secure_dfml.rundir import AUDIT, CANARY, CANARY_RESULTS, CONFIG, ledgers_dir
 
-__all__ = ["CANARY_FILES", "run_canary_audit"]
+__all__ = ["CANARY_FILES", "DEFAULT_CANARIES", "canary_dir", "run_canary_audit"]
 
 _LOG = logging.getLogger(__name__)
 
+DEFAULT_CANARIES = 50
+
+
+def canary_dir(run_dir: str | Path) -> Path:
+    """Where a run's canary audit lives: ``RUN/audit/canary``, next to the threat-model audits."""
+    return Path(run_dir) / AUDIT / CANARY
+
+
 #: What a canary audit's folder holds besides ``ledgers/`` (the audit run's own budget).
-CANARY_FILES = ("canary.json", "canary.md", "canary.html", CONFIG)
+CANARY_FILES = (CANARY_RESULTS, "canary.md", "canary.html", CONFIG)
 
 
 def run_canary_audit(
     cfg: RunConfig,
     *,
-    canaries_per_peer: int = 50,
+    canaries_per_peer: int = DEFAULT_CANARIES,
     confidence: float = 0.95,
     rng: np.random.Generator,
     out_dir: str | Path,
@@ -91,14 +100,18 @@ def run_canary_audit(
         private = bool(cfg.privacy.enabled)
         peers_out: dict[str, Any] = {}
         comparisons: list[LedgerComparison] = []
+        all_scores = np.stack([compute_signals(p.model, draw.x[i], draw.labels[i]).log_prob  # minus the loss
+                               for i, p in enumerate(fed.peers)])
+        statuses = [dict(fed.nodes[i].trainer.peer_status(i)) if private else None for i in range(len(fed.peers))]
         for i, p in enumerate(fed.peers):
-            scores = compute_signals(p.model, draw.x[i], draw.labels[i]).log_prob  # minus the loss
-            status = dict(fed.nodes[i].trainer.peer_status(i)) if private else None
-            entry, cmp = canary_peer_entry(i, p.arch, scores, draw, train_samples=len(split.peers[i].train),
-                                           confidence=confidence, status=status)
+            entry, cmp = canary_peer_entry(i, p.arch, all_scores[i], draw, train_samples=len(split.peers[i].train),
+                                           confidence=confidence, status=statuses[i])
             if cmp is not None:
                 comparisons.append(cmp)
             peers_out[str(i)] = entry
+        pooled, pooled_cmp = pooled_canary_entry(all_scores, draw, confidence=confidence, statuses=statuses)
+        if pooled_cmp is not None:
+            comparisons.append(pooled_cmp)
         k_pos, k_neg = canary_k_grid(m)
         results: dict[str, Any] = {
             "format": CANARY_FORMAT,
@@ -116,8 +129,12 @@ def run_canary_audit(
             "k_neg_grid": k_neg,
             "mean_global_acc": last.get("mean_global_acc"),
             "peers": peers_out,
+            "pooled": pooled,
+            "epsilon_lower_bound": max(pooled["epsilon_lower_bound"], *(e["epsilon_lower_bound"] for e in peers_out.values())),
+            "attainable_epsilon": pooled["attainable_epsilon"],
             "fail": any(c.failed for c in comparisons),
-            "findings": canary_findings(peers_out, comparisons, private=private, confidence=confidence, per_peer=m),
+            "findings": canary_findings(peers_out, pooled, comparisons, private=private, confidence=confidence,
+                                        per_peer=m),
             "config": cfg.to_dict(),
         }
         files = dict(zip(CANARY_FILES, (json_text(results), render_canary_markdown(results),
