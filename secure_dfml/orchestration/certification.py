@@ -40,6 +40,7 @@ from secure_dfml.certify import (
 from secure_dfml.config import RunConfig
 from secure_dfml.errors import AuditError
 from secure_dfml.orchestration.canary import canary_dir, run_canary_audit
+from secure_dfml.privacy import default_delta
 from secure_dfml.rundir import (
     AUDIT,
     CANARY_RESULTS,
@@ -109,7 +110,8 @@ def missing_audits(run_dir: str | Path, requirements: Requirements) -> list[Audi
         have = _canary_strength(run)
         if have is None or have < need:
             cfg = read_config(run)
-            m = canaries_for_strength(need, cfg.federation.peers, delta=cfg.privacy.delta if cfg.privacy.enabled else 0.0)
+            delta = (cfg.privacy.delta or default_delta(1)) if cfg.privacy.enabled else 0.0  # the default's cap
+            m = canaries_for_strength(need, cfg.federation.peers, delta=delta)
             steps.append(AuditStep("canary", "canary", "no canary audit" if have is None else
                                    f"the canary audit can show at most eps >= {have:.3g} < min_strength {need:g}", m))
     return steps
