@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -480,10 +481,19 @@ def training_warnings(last: Mapping[str, Any], num_classes: int) -> list[str]:
     return out
 
 
+STATE_LOCK = "lock"
+
+
 def peer_state_dir(state_root: str | Path, peer_id: int) -> Path:
     """Peer ``peer_id``'s state directory under ``state_root`` (its lifetime ledger,
     checkpoints and reports)."""
     return Path(state_root) / f"peer_{peer_id:03d}"
+
+
+def peer_state_lock(state_root: str | Path, peer_id: int) -> Path:
+    """The lock held by whoever charges peer ``peer_id``'s lifetime ledger (a
+    `peer` process, or a run or sweep with ``state_root``)."""
+    return peer_state_dir(state_root, peer_id) / STATE_LOCK
 
 
 def default_run_dir(cfg: RunConfig, root: Path = Path("runs")) -> Path:
@@ -584,11 +594,21 @@ def run_federation(
     """
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     partial = partial_dir(run_dir)
-    with exclusive(lock_file(run_dir), f"run directory {run_dir}"):
+    with exclusive(lock_file(run_dir), f"run directory {run_dir}"), contextlib.ExitStack() as held:
+
+        def hold_ledgers(root: str | Path, peers: int) -> None:  # one writer per lifetime ledger, as a `peer` holds
+            for pid in range(peers):
+                held.enter_context(exclusive(peer_state_lock(root, pid),
+                                             f"state directory {peer_state_dir(root, pid)} of peer {pid}"))
+
+        if state_root is not None and not resume:
+            hold_ledgers(state_root, cfg.federation.peers)
         run_meta = open_partial(run_dir, resume=resume, overwrite=overwrite, meta_name=RUN_META, what="run")
         if run_meta is not None:
             cfg = load_config(config_file(partial))
             state_root = run_meta.get("state_root")
+            if state_root is not None:
+                hold_ledgers(state_root, cfg.federation.peers)
         else:
             run_meta = {"run_id": uuid.uuid4().hex, "state_root": None if state_root is None else str(state_root)}
             write_config(partial, cfg)

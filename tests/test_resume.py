@@ -9,6 +9,7 @@ from _runs import config_with, timeless_metrics
 
 from secure_dfml import run_federation
 from secure_dfml._fsutil import exclusive
+from secure_dfml._run import peer_state_lock
 from secure_dfml.errors import RunDirectoryError
 from secure_dfml.privacy import _trainer
 
@@ -116,6 +117,17 @@ def test_a_second_process_into_the_same_run_directory_is_refused(tmp_path):
     with exclusive(tmp_path / ".run.lock", "run directory"):
         with pytest.raises(RunDirectoryError, match="in use"):
             run_federation(cfg_with(federation={"rounds": 1}), tmp_path / "run", plot=False)
+
+
+def test_a_lifetime_ledger_in_use_by_another_process_is_refused(tmp_path):
+    """A peer process (or another run or sweep) charging peer 1's lifetime ledger holds
+    its state directory's lock: a run with the same --state waits for nobody, it is refused."""
+    state = tmp_path / "state"
+    with exclusive(peer_state_lock(state, 1), "state directory of peer 1"):
+        with pytest.raises(RunDirectoryError, match="in use"):
+            run_federation(cfg_with(federation={"rounds": 1}), tmp_path / "run", plot=False, state_root=state)
+    assert not list(tmp_path.glob("run*"))  # nothing started: no partial or crashed folder left behind
+    run_federation(cfg_with(federation={"rounds": 1}), tmp_path / "run", plot=False, state_root=state)  # free again
 
 
 def test_resume_without_an_interrupted_run_is_a_clear_error(tmp_path):

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from secure_dfml._fsutil import exclusive
-from secure_dfml._run import FederationPlan, build_node, plan_federation
+from secure_dfml._run import STATE_LOCK, FederationPlan, build_node, plan_federation
 from secure_dfml.config import RunConfig, dump_toml
 from secure_dfml.crypto import NaClChannel, PlainChannel, load_keys
 from secure_dfml.errors import ConfigError, SecureDFMLError
@@ -153,7 +153,7 @@ def run_peer(
     """Run peer ``peer_id`` of ``cfg`` to the last round (resuming when its state
     directory holds an unfinished run of the same config); returns its final report."""
     state_dir = Path(state_dir)
-    with exclusive(state_dir / "lock", f"state directory {state_dir} of peer {peer_id}"):
+    with exclusive(state_dir / STATE_LOCK, f"state directory {state_dir} of peer {peer_id}"):
         plan = plan_federation(cfg)
         if not 0 <= peer_id < endpoint_count(plan):
             raise ConfigError(f"--id {peer_id} is not a peer of this federation (ids 0..{endpoint_count(plan) - 1})")
