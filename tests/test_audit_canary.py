@@ -41,11 +41,19 @@ def _check_structure(res: dict[str, Any], out: Path, m: int, cfg: Any) -> None:
     for pid, e in res["peers"].items():
         assert len(e["scores"]) == len(e["included"]) == len(e["canary_indices"]) == m
         assert sum(e["included"]) == e["canaries_included"]
-        assert set(e["canary_indices"]) <= pool and not seen & set(e["canary_indices"])  # disjoint across peers
-        seen |= set(e["canary_indices"])
+        if res["canary_kind"] == "mislabelled":
+            assert set(e["canary_indices"]) <= pool and not seen & set(e["canary_indices"])  # disjoint across peers
+            seen |= set(e["canary_indices"])
+        else:  # synthetic: no auditor-pool record is used
+            assert set(e["canary_indices"]) == {-1}
+        assert e["attainable_epsilon"] >= e["epsilon_lower_bound"]
         assert e["train_samples_without_canaries"] == len(split.peers[int(pid)].train)
         assert np.isfinite(e["epsilon_lower_bound"]) and e["epsilon_lower_bound"] >= 0
         assert 0 <= e["v"] <= e["r"] <= m and e["confidence"] == 0.95
+    pooled = res["pooled"]
+    assert pooled["canaries"] == m * cfg.federation.peers and pooled["attainable_epsilon"] >= pooled["epsilon_lower_bound"]
+    assert res["attainable_epsilon"] == pooled["attainable_epsilon"] > max(e["attainable_epsilon"] for e in res["peers"].values())
+    assert len(res["snapshots_per_peer"]) == cfg.federation.peers and min(res["snapshots_per_peer"]) >= 1
     assert not list(out.parent.glob(".*partial*"))
 
 
@@ -59,7 +67,7 @@ def test_canary_audit_non_private(tmp_path: Path) -> None:
     out = tmp_path / "canary"
     ticks: list[int] = []
     res = run_canary_audit(cfg, canaries_per_peer=20, confidence=0.95, rng=np.random.default_rng(0), out_dir=out,
-                           progress=lambda d, t, w: ticks.append(d))
+                           progress=lambda d, t, w: ticks.append(d), kind="mislabelled")
     _check_structure(res, out, 20, cfg)
     assert ticks[-1] == cfg.federation.rounds
     assert res["private"] is False and res["fail"] is False
@@ -69,8 +77,17 @@ def test_canary_audit_non_private(tmp_path: Path) -> None:
     for e in res["peers"].values():
         assert all(int(ds.y_train[i]) != lab for i, lab in zip(e["canary_indices"], e["canary_labels"]))
     # the same seed reproduces the same canaries and inclusion
-    again = run_canary_audit(cfg, canaries_per_peer=20, confidence=0.95, rng=np.random.default_rng(0), out_dir=out)
+    again = run_canary_audit(cfg, canaries_per_peer=20, confidence=0.95, rng=np.random.default_rng(0), out_dir=out,
+                             kind="mislabelled")
     assert [e["included"] for e in again["peers"].values()] == [e["included"] for e in res["peers"].values()]
+
+
+def test_noise_canaries_are_synthetic_and_need_no_auditor_pool(tmp_path: Path) -> None:
+    cfg = _cfg(data={"auditor_pool": 20})  # 4 peers x 60 noise canaries: far more than the pool
+    res = run_canary_audit(cfg, canaries_per_peer=60, confidence=0.95, rng=np.random.default_rng(0),
+                           out_dir=tmp_path / "noise")
+    _check_structure(res, tmp_path / "noise", 60, cfg)
+    assert res["canary_kind"] == "noise"
 
 
 def test_canary_audit_dp_flags_nothing(tmp_path: Path) -> None:
@@ -106,7 +123,10 @@ def test_crashed_canary_audit_keeps_its_ledgers(tmp_path: Path) -> None:
 def test_canary_errors(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     with pytest.raises(AuditError, match="auditor_pool"):
-        run_canary_audit(_cfg(), canaries_per_peer=60, confidence=0.95, rng=rng, out_dir=tmp_path / "a")
+        run_canary_audit(_cfg(), canaries_per_peer=60, confidence=0.95, rng=rng, out_dir=tmp_path / "a",
+                         kind="mislabelled")
+    with pytest.raises(AuditError, match="unknown canary kind"):
+        run_canary_audit(_cfg(), canaries_per_peer=5, confidence=0.95, rng=rng, out_dir=tmp_path / "a", kind="odd")
     with pytest.raises(AuditError, match=">= 2"):
         run_canary_audit(_cfg(), canaries_per_peer=1, confidence=0.95, rng=rng, out_dir=tmp_path / "a")
     busy = tmp_path / "busy"

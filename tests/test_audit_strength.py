@@ -87,8 +87,8 @@ def _draw(included: np.ndarray) -> CanaryDraw:
 def test_pooled_test_is_stronger_and_compares_with_the_largest_ledger() -> None:
     rng = np.random.default_rng(0)
     included = rng.random((10, 50)) < 0.5
-    # every peer's model separates its canaries perfectly, each on its own scale
-    scores = np.where(included, 1.0, 0.0) * (1 + np.arange(10))[:, None] - 5 * np.arange(10)[:, None]
+    # every canary's score (on one scale for all peers, as CanaryScores gives them) separates perfectly
+    scores = np.where(included, 1.0, 0.0) + rng.uniform(0, 0.4, included.shape)
     statuses = [{"delta": 1e-5, "epsilon_spent": 1.0 + i / 10} for i in range(10)]
     pooled, cmp = pooled_canary_entry(scores, _draw(included), confidence=0.95, statuses=statuses)
     assert pooled["canaries"] == 500 and pooled["v"] == pooled["r"]  # every guess right

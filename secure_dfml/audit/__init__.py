@@ -104,8 +104,11 @@ from secure_dfml.audit._rundir import (
 from secure_dfml.audit._eavesdropper import analyse_envelopes, byte_uniformity_p_value
 from secure_dfml.audit._canary import (
     CANARY_FORMAT,
+    CANARY_KINDS,
     CANARY_VERSION,
+    DEFAULT_CANARY_KIND,
     CanaryDraw,
+    CanaryScores,
     canary_findings,
     canary_k_grid,
     canary_peer_entry,
@@ -129,7 +132,10 @@ __all__ = [
     "resolve_attacks",
     "CANARY_FORMAT",
     "CANARY_VERSION",
+    "CANARY_KINDS",
     "CanaryDraw",
+    "CanaryScores",
+    "DEFAULT_CANARY_KIND",
     "canary_findings",
     "canary_k_grid",
     "canary_peer_entry",

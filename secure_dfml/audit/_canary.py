@@ -1,18 +1,23 @@
 """One-run canary audit (Steinke, Nasr, Jagielski 2023): the canaries and the statistics.
 
-For every peer, ``m`` canaries are drawn from the auditor pool (disjoint from
-all peers' data and between peers) and given a random *wrong* label, so that a
-model that trains on one has to memorise it. Each canary is inserted into its
-peer's private training data independently with probability 1/2
+For every peer, ``m`` canaries are made (:data:`CANARY_KINDS`: synthetic
+out-of-distribution ``noise`` records with random labels by default, or
+auditor-pool records with a wrong label, ``mislabelled``), so that a model that
+trains on one has to memorise it. Each canary is inserted into its peer's
+private training data independently with probability 1/2
 (:meth:`CanaryDraw.insert`, a peer data hook).
 
-Afterwards every canary is scored by its peer's final model (score = minus the
-cross-entropy loss on the canary's wrong label; higher = more likely
+Every canary is scored by the models trained on its peer's data
+(:class:`CanaryScores`: right after each round its peer aggregated, minus the
+loss on the canary's label, standardised per model; higher = more likely
 included). The auditor guesses IN for the ``k_pos`` highest scores and OUT for
 the ``k_neg`` lowest, abstaining on the rest; the number of correct guesses
 gives an empirical epsilon lower bound at the stated confidence
 (:func:`~secure_dfml.audit.one_run_audit`; a small grid of (k_pos, k_neg) is
-tried with a Bonferroni correction). A lower bound above the peer's ledger
+tried with a Bonferroni correction), per peer and pooled over all peers
+(:func:`pooled_canary_entry`, far stronger). Each result states its strength:
+the largest bound it could have shown with every guess right
+(:func:`~secure_dfml.audit.one_run_attainable`). A lower bound above a ledger
 epsilon is flagged FAIL: the DP implementation, its accounting or its
 assumptions are wrong. A small lower bound is not evidence of privacy: one-run
 audits of DP-SGD with black-box scores are known to be far from tight.
@@ -26,21 +31,36 @@ trains a federation with the canaries is
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from secure_dfml.audit._epsilon import LedgerComparison, ledger_entry, one_run_attainable, one_run_audit
-from secure_dfml.audit.report import Finding, finding, finding_line, html_table, render_simple_html
+from secure_dfml.audit._epsilon import (
+    LedgerComparison,
+    ledger_entry,
+    one_run_attainable,
+    one_run_audit,
+)
+from secure_dfml.audit._signals import compute_signals
+from secure_dfml.audit.report import (
+    Finding,
+    finding,
+    finding_line,
+    html_table,
+    render_simple_html,
+)
 from secure_dfml.errors import AuditError
 
 __all__ = [
     "CANARY_FORMAT",
+    "CANARY_KINDS",
     "CANARY_VERSION",
     "CanaryDraw",
+    "CanaryScores",
+    "DEFAULT_CANARY_KIND",
     "canary_findings",
     "canary_k_grid",
     "canary_peer_entry",
@@ -76,10 +96,11 @@ class CanaryDraw:
     """The canaries of every peer: auditor-pool indices, inputs, wrong labels,
     and which ones are inserted into the peer's training data."""
 
-    chosen: np.ndarray  # (peers, m) indices into the training set (auditor pool)
+    chosen: np.ndarray  # (peers, m) indices into the training set (auditor pool); -1 for synthetic canaries
     x: np.ndarray  # (peers, m, *input shape)
-    labels: np.ndarray  # (peers, m) wrong labels, int64
+    labels: np.ndarray  # (peers, m) the labels they are trained with, int64
     included: np.ndarray  # (peers, m) bool
+    kind: str = "mislabelled"
 
     @property
     def per_peer(self) -> int:
@@ -94,6 +115,42 @@ class CanaryDraw:
         return torch.cat([x, xc]), torch.cat([y, yc])
 
 
+CanaryMaker = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _mislabelled(x_train: np.ndarray, y_train: np.ndarray, pool: np.ndarray, *, peers: int, m: int,
+                 num_classes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Auditor-pool records with a random wrong label."""
+    need = peers * m
+    if pool.size < need:
+        raise AuditError(
+            f"{m} mislabelled canaries for each of {peers} peers need {need} auditor-pool samples, but "
+            f"data.auditor_pool = {pool.size}; raise data.auditor_pool, lower --canaries, or use --canary-kind noise"
+        )
+    sel_rng, lab_rng = rng.spawn(2)
+    chosen = sel_rng.choice(pool, size=need, replace=False).reshape(peers, m)
+    y_true = y_train[chosen].astype(np.int64)
+    labels = (y_true + lab_rng.integers(1, num_classes, size=y_true.shape)) % num_classes
+    return chosen, x_train[chosen], labels
+
+
+def _noise(x_train: np.ndarray, y_train: np.ndarray, pool: np.ndarray, *, peers: int, m: int,
+           num_classes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Synthetic out-of-distribution records: every input value uniform over the
+    data's range, a uniformly random label. Nothing like them is in any peer's
+    data, so a model that trains on one has to memorise it; they use no auditor-pool records."""
+    lo, hi = float(x_train.min()), float(x_train.max())
+    x_rng, lab_rng = rng.spawn(2)
+    x = x_rng.uniform(lo, hi, size=(peers, m, *x_train.shape[1:])).astype(np.float32)
+    labels = lab_rng.integers(0, num_classes, size=(peers, m)).astype(np.int64)
+    return np.full((peers, m), -1, dtype=np.int64), x, labels
+
+
+#: How canaries are made (``--canary-kind``); ``noise`` is the stronger (see the audit-strength benchmark).
+CANARY_KINDS: dict[str, CanaryMaker] = {"noise": _noise, "mislabelled": _mislabelled}
+DEFAULT_CANARY_KIND = "noise"
+
+
 def draw_canaries(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -103,25 +160,20 @@ def draw_canaries(
     per_peer: int,
     num_classes: int,
     rng: np.random.Generator,
+    kind: str = DEFAULT_CANARY_KIND,
 ) -> CanaryDraw:
-    """``per_peer`` canaries for each of ``peers`` peers from the auditor pool,
-    each with a random wrong label and included with probability 1/2."""
-    m = int(per_peer)
-    pool = np.asarray(auditor_pool, dtype=np.int64)
-    need = peers * m
-    if pool.size < need:
-        raise AuditError(
-            f"{m} canaries for each of {peers} peers need {need} auditor-pool samples, but data.auditor_pool = "
-            f"{pool.size}; raise data.auditor_pool or lower --canaries"
-        )
+    """``per_peer`` canaries of ``kind`` (:data:`CANARY_KINDS`) for each of
+    ``peers`` peers, each included in its peer's data with probability 1/2."""
+    maker = CANARY_KINDS.get(kind)
+    if maker is None:
+        raise AuditError(f"unknown canary kind {kind!r}; choose one of: {', '.join(CANARY_KINDS)}")
     if num_classes < 2:
-        raise AuditError("canaries need at least two classes (they get a wrong label)")
-    sel_rng, lab_rng, inc_rng = rng.spawn(3)
-    chosen = sel_rng.choice(pool, size=need, replace=False).reshape(peers, m)
-    y_true = y_train[chosen].astype(np.int64)
-    labels = (y_true + lab_rng.integers(1, num_classes, size=y_true.shape)) % num_classes
-    included = inc_rng.random((peers, m)) < 0.5
-    return CanaryDraw(chosen=chosen, x=x_train[chosen], labels=labels, included=included)
+        raise AuditError("canaries need at least two classes")
+    make_rng, inc_rng = rng.spawn(2)
+    chosen, x, labels = maker(x_train, y_train, np.asarray(auditor_pool, dtype=np.int64), peers=peers,
+                              m=int(per_peer), num_classes=num_classes, rng=make_rng)
+    included = inc_rng.random((peers, int(per_peer))) < 0.5
+    return CanaryDraw(chosen=chosen, x=x, labels=labels, included=included, kind=kind)
 
 
 def canary_peer_entry(
@@ -168,13 +220,52 @@ def canary_peer_entry(
     return entry, cmp
 
 
-def standardized_scores(scores: np.ndarray) -> np.ndarray:
-    """Each peer's canary scores standardised over its own canaries (zero mean,
-    unit spread), so that canaries scored by different models can be ranked
-    together. A function of the models' outputs only, as the audit requires."""
-    s = np.asarray(scores, dtype=np.float64)
-    spread = s.std(axis=1, keepdims=True)
-    return (s - s.mean(axis=1, keepdims=True)) / np.where(spread > 0, spread, 1.0)
+class CanaryScores:
+    """Each canary's membership score, from every model trained on its owner's data.
+
+    After every round, each canary of a peer that aggregated in it is scored by
+    every model of that group (they have just been trained on the aggregator's
+    data: its own model and the models it returned); the score is minus the
+    loss on the canary's label, standardised over all canaries under that
+    model so that different models' scores are comparable; a canary's score is
+    the mean over those snapshots (its peer's final model when the peer never
+    aggregated). Every model of every round is DP-SGD output or post-processing
+    of it (the ledger's accounting covers every iterate), so any function of
+    them is a legitimate guess; the snapshots right after training are where
+    memorisation shows most, before averaging and later rounds dilute it.
+    """
+
+    def __init__(self, draw: CanaryDraw) -> None:
+        peers, m = draw.labels.shape
+        self._x = np.ascontiguousarray(draw.x.reshape(peers * m, *draw.x.shape[2:]), dtype=np.float32)
+        self._labels = draw.labels.reshape(-1)
+        self._shape = (peers, m)
+        self._total = np.zeros((peers, m))
+        self._count = np.zeros(peers, dtype=np.int64)
+
+    def standardized(self, model: torch.nn.Module) -> np.ndarray:
+        """Every canary's score under ``model``, standardised over all canaries: (peers, m)."""
+        s = compute_signals(model, self._x, self._labels).log_prob
+        spread = float(s.std())
+        return ((s - s.mean()) / (spread if spread > 0 else 1.0)).reshape(self._shape)
+
+    def observe(self, owner: int, models: Sequence[torch.nn.Module]) -> None:
+        """Score ``owner``'s canaries with ``models`` (just trained on its data): one snapshot."""
+        if not models:
+            return
+        self._total[owner] += np.mean([self.standardized(mod)[owner] for mod in models], axis=0)
+        self._count[owner] += 1
+
+    @property
+    def snapshots(self) -> list[int]:
+        return self._count.tolist()
+
+    def scores(self, final_models: Sequence[torch.nn.Module]) -> np.ndarray:
+        """(peers, m) scores; a peer with no snapshot is scored by its final model."""
+        for i, model in enumerate(final_models):
+            if self._count[i] == 0:
+                self.observe(i, [model])
+        return self._total / np.maximum(self._count, 1)[:, None]
 
 
 def pooled_canary_entry(
@@ -192,9 +283,9 @@ def pooled_canary_entry(
     to any one canary, and the one-run bound over all ``peers * m`` canaries
     bounds the largest ledger epsilon from below. Many more canaries make this
     test far stronger than any single peer's (see ``attainable_epsilon``).
-    ``scores`` is (peers, m): each canary scored by its own peer's final model.
+    ``scores`` is (peers, m), on one scale for all peers (:class:`CanaryScores`).
     """
-    z = standardized_scores(scores).ravel()
+    z = np.asarray(scores, dtype=np.float64).ravel()
     included = draw.included.ravel()
     m = int(z.size)
     k_pos, k_neg = canary_k_grid(m)
@@ -206,7 +297,8 @@ def pooled_canary_entry(
         "canaries_included": int(included.sum()),
         **res.to_dict(),
         "attainable_epsilon": one_run_attainable(m, k_pos=k_pos, k_neg=k_neg, confidence=confidence, delta=delta),
-        "score": "minus the loss on the canary's label under its own peer's final model, standardised per peer",
+        "score": "mean over the models trained on the canary's peer's data, right after each round it aggregated, of "
+                 "minus the loss on the canary's label, standardised over all canaries under each model",
     }
     spent = [st.get("epsilon_spent") for st in statuses if st is not None] if private else []
     ceiling = max((float(e) for e in spent if e is not None), default=None) if private else None
@@ -254,7 +346,8 @@ def canary_findings(
     k_pos, k_neg = canary_k_grid(per_peer)
     findings.append(finding(
         "note",
-        f"{per_peer} canaries per peer, each included in its peer's training data with probability 1/2; guesses "
+        f"{per_peer} canaries per peer, each included in its peer's training data with probability 1/2, scored by "
+        "the models trained on its peer's data right after each round that peer aggregated; guesses "
         f"from the top k_pos / bottom k_neg scores, per peer over (k_pos, k_neg) in {k_pos} x {k_neg} and pooled "
         f"over all peers' standardised scores, each with a Bonferroni correction (Steinke, Nasr, Jagielski 2023).",
     ))

@@ -30,7 +30,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from secure_dfml.audit import Finding, audit_run_dir, finding_line, list_threat_models, load_threat_model
+from secure_dfml.audit import (
+    CANARY_KINDS,
+    DEFAULT_CANARY_KIND,
+    Finding,
+    audit_run_dir,
+    finding_line,
+    list_threat_models,
+    load_threat_model,
+)
 from secure_dfml.certify import check_run
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
 from secure_dfml.config import load_config
@@ -231,6 +239,9 @@ def audit(
     run: Annotated[Optional[Path], typer.Option(
         "--run", help="Canary audit of a run: train its config.toml with canaries; results in RUN/audit/canary/.")] = None,
     canaries: Annotated[int, typer.Option("--canaries", help="Canary audit: canaries per peer.")] = DEFAULT_CANARIES,
+    canary_kind: Annotated[str, typer.Option(
+        "--canary-kind", help=f"Canary audit: {' or '.join(CANARY_KINDS)} (synthetic out-of-distribution records with "
+                              "random labels, or auditor-pool records with a wrong label).")] = DEFAULT_CANARY_KIND,
     confidence: Annotated[float, typer.Option("--confidence", help="Confidence of the epsilon lower bounds.")] = 0.95,
     out: Annotated[Optional[Path], typer.Option(
         "--out", "-o", help="Canary audit: output folder (default RUN/audit/canary with --run, else "
@@ -251,7 +262,8 @@ def audit(
                          "or --list-threat-models")
     rng = np.random.default_rng(seed)
     if target == "canary":
-        _canary(config=config, run=run, canaries=canaries, confidence=confidence, out=out, rng=rng, fmt=format,
+        _canary(config=config, run=run, canaries=canaries, kind=canary_kind, confidence=confidence, out=out, rng=rng,
+                fmt=format,
                 stray={"--threat-model": threat_model, "--attacks": attacks, "--peers": peers})
         return
     if run is not None:
@@ -313,7 +325,7 @@ def _refuse_tampered(run_path: Path) -> None:
         )
 
 
-def _canary(*, config: Path | None, run: Path | None, canaries: int, confidence: float, out: Path | None,
+def _canary(*, config: Path | None, run: Path | None, canaries: int, kind: str, confidence: float, out: Path | None,
             rng: np.random.Generator, fmt: OutputFormat, stray: dict[str, Any]) -> None:
     given = [k for k, v in stray.items() if v is not None]
     if given:
@@ -338,7 +350,7 @@ def _canary(*, config: Path | None, run: Path | None, canaries: int, confidence:
             prog.update(task, completed=done, total=total, description=what)
 
         res = run_canary_audit(cfg, canaries_per_peer=canaries, confidence=confidence, rng=rng, out_dir=out,
-                               progress=report)
+                               progress=report, kind=kind)
     if fmt is OutputFormat.json:
         print_json(res)
     else:

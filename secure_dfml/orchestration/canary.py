@@ -24,13 +24,14 @@ from secure_dfml._run import build_federation, load_federation_data
 from secure_dfml.audit import (
     CANARY_FORMAT,
     CANARY_VERSION,
+    DEFAULT_CANARY_KIND,
     AuditProgress,
+    CanaryScores,
     LedgerComparison,
     canary_findings,
     canary_k_grid,
     canary_peer_entry,
     check_canary_settings,
-    compute_signals,
     draw_canaries,
     pooled_canary_entry,
     render_canary_html,
@@ -61,6 +62,7 @@ def run_canary_audit(
     *,
     canaries_per_peer: int = DEFAULT_CANARIES,
     confidence: float = 0.95,
+    kind: str = DEFAULT_CANARY_KIND,
     rng: np.random.Generator,
     out_dir: str | Path,
     progress: AuditProgress | None = None,
@@ -80,7 +82,7 @@ def run_canary_audit(
 
     ds, split = load_federation_data(cfg)  # the same data and split as the real build (deterministic seeds)
     draw = draw_canaries(ds.x_train, ds.y_train, split.auditor_pool, peers=len(split.peers), per_peer=m,
-                         num_classes=ds.num_classes, rng=rng)
+                         num_classes=ds.num_classes, rng=rng, kind=kind)
 
     staging = staging_dir(out)
     try:
@@ -93,15 +95,21 @@ def run_canary_audit(
         last: Mapping[str, Any] = {}
         if progress is not None:
             progress(0, rounds, "training rounds (with canaries)")
+        scorer = CanaryScores(draw)
+        n = len(fed.peers)
         for t, record in enumerate(fed.rounds(), 1):
             last = record
+            for g in record.get("groups", []):  # the models just trained on the aggregator's data
+                owner = int(g["aggregator"])
+                if 0 <= owner < n:
+                    trained = [owner, *(int(j) for j in g.get("returned", []) if 0 <= int(j) < n)]
+                    scorer.observe(owner, [fed.peers[j].model for j in trained])
             if progress is not None:
                 progress(t, rounds, "training rounds (with canaries)")
         private = bool(cfg.privacy.enabled)
         peers_out: dict[str, Any] = {}
         comparisons: list[LedgerComparison] = []
-        all_scores = np.stack([compute_signals(p.model, draw.x[i], draw.labels[i]).log_prob  # minus the loss
-                               for i, p in enumerate(fed.peers)])
+        all_scores = scorer.scores([p.model for p in fed.peers])
         statuses = [dict(fed.nodes[i].trainer.peer_status(i)) if private else None for i in range(len(fed.peers))]
         for i, p in enumerate(fed.peers):
             entry, cmp = canary_peer_entry(i, p.arch, all_scores[i], draw, train_samples=len(split.peers[i].train),
@@ -124,6 +132,8 @@ def run_canary_audit(
             "rounds": rounds,
             "private": private,
             "canaries_per_peer": m,
+            "canary_kind": kind,
+            "snapshots_per_peer": scorer.snapshots,
             "confidence": confidence,
             "k_pos_grid": k_pos,
             "k_neg_grid": k_neg,
