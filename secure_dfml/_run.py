@@ -39,7 +39,6 @@ from secure_dfml.rundir import (
     capture_dir,
     config_file,
     latest_views,
-    ledger_file,
     ledgers_dir,
     lock_file,
     models_dir,
@@ -496,6 +495,23 @@ def peer_state_lock(state_root: str | Path, peer_id: int) -> Path:
     return peer_state_dir(state_root, peer_id) / STATE_LOCK
 
 
+def hold_lifetime_ledgers(held: contextlib.ExitStack, state_root: str | Path, peers: int) -> None:
+    """Take every peer's state-directory lock into ``held``: one writer per lifetime
+    ledger (a second run, sweep, audit or peer process on them is refused)."""
+    for pid in range(peers):
+        held.enter_context(exclusive(peer_state_lock(state_root, pid),
+                                     f"state directory {peer_state_dir(state_root, pid)} of peer {pid}"))
+
+
+def copy_lifetime_ledgers(state_root: str | Path, peer_ids: Sequence[int], dest: Path) -> None:
+    """Copy the peers' lifetime ledgers into ``dest`` (a run's or audit's ``ledgers/``)."""
+    for pid in peer_ids:
+        src = ledger_path(peer_state_dir(state_root, pid), pid)
+        if src.is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, ledger_path(dest, pid))
+
+
 def default_run_dir(cfg: RunConfig, root: Path = Path("runs")) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return root / f"{stamp}-{cfg.federation.id}-{cfg.federation.algorithm}"
@@ -595,20 +611,14 @@ def run_federation(
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     partial = partial_dir(run_dir)
     with exclusive(lock_file(run_dir), f"run directory {run_dir}"), contextlib.ExitStack() as held:
-
-        def hold_ledgers(root: str | Path, peers: int) -> None:  # one writer per lifetime ledger, as a `peer` holds
-            for pid in range(peers):
-                held.enter_context(exclusive(peer_state_lock(root, pid),
-                                             f"state directory {peer_state_dir(root, pid)} of peer {pid}"))
-
         if state_root is not None and not resume:
-            hold_ledgers(state_root, cfg.federation.peers)
+            hold_lifetime_ledgers(held, state_root, cfg.federation.peers)
         run_meta = open_partial(run_dir, resume=resume, overwrite=overwrite, meta_name=RUN_META, what="run")
         if run_meta is not None:
             cfg = load_config(config_file(partial))
             state_root = run_meta.get("state_root")
             if state_root is not None:
-                hold_ledgers(state_root, cfg.federation.peers)
+                hold_lifetime_ledgers(held, state_root, cfg.federation.peers)
         else:
             run_meta = {"run_id": uuid.uuid4().hex, "state_root": None if state_root is None else str(state_root)}
             write_config(partial, cfg)
@@ -625,6 +635,7 @@ def run_federation(
             raise
         fed.labels["ledger_scope"] = RESEARCH_LEDGERS if state_root is None else LIFETIME_LEDGERS.format(state_root)
         fed.labels["run_id"] = run_id
+        fed.labels["state_root"] = None if state_root is None else str(state_root)
         start = _restore_all(fed, partial / CHECKPOINTS) if resume else 0
         records: list[dict[str, Any]] = []
         if start:
@@ -643,11 +654,7 @@ def run_federation(
             save_models(peer, models_dir(partial))
         save_views(latest_views([n.views for n in fed.nodes]), fed.directory.archs, views_dir(partial))
         if state_root is not None:  # the run directory carries a copy of the lifetime ledgers
-            for node in fed.nodes:
-                src = ledger_path(peer_state_dir(state_root, node.peer_id), node.peer_id)
-                if src.is_file():
-                    ledgers_dir(partial).mkdir(exist_ok=True)
-                    shutil.copyfile(src, ledger_file(partial, node.peer_id))
+            copy_lifetime_ledgers(state_root, [node.peer_id for node in fed.nodes], ledgers_dir(partial))
         write_summary(partial, summary)
         if plot:
             plot_accuracy(records, plot_file(partial), title=f"{cfg.federation.algorithm} on {summary['dataset']}")

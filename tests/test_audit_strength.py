@@ -105,8 +105,8 @@ def test_pooled_test_is_stronger_and_compares_with_the_largest_ledger() -> None:
 
 
 def test_canaries_for_strength() -> None:
-    assert canaries_for_strength(2.0, 10) == 20  # 200 pooled canaries reach about 3.4
-    assert canaries_for_strength(5.0, 4) >= 200
+    assert canaries_for_strength(2.0, 10) == 100  # the default count already reaches about 5.1
+    assert canaries_for_strength(5.0, 4) == 500
     with pytest.raises(AuditError, match="min_strength"):
         canaries_for_strength(50.0, 2)
 
@@ -218,7 +218,7 @@ def test_canary_audit_of_a_run_cli(run: Path) -> None:
     r = runner.invoke(app, ["audit", "canary", "--run", str(run), "--config", str(run / "config.toml")])
     assert r.exit_code == 2 and "not both" in r.output
     r = runner.invoke(app, ["audit", str(run), "--run", str(run), "--threat-model", "final-model"])
-    assert r.exit_code == 2 and "--run belongs to the canary audit" in r.output
+    assert r.exit_code == 2 and "--run and --state belong to the canary audit" in r.output
 
 
 @pytest.mark.slow
@@ -243,3 +243,27 @@ def test_pipeline_cli_trains_audits_certifies_verifies(tmp_path: Path) -> None:
                             "--format", "json"])
     data = json.loads(r.stdout)
     assert r.exit_code == 0 and not data["trained"] and data["audits_run"] == []
+
+
+def test_canary_audit_with_state_charges_the_lifetime_ledgers(tmp_path: Path) -> None:
+    """The canary audit reads the peers' records again: with --state it is charged to their one ledger."""
+    from secure_dfml._run import peer_state_dir
+    from secure_dfml.privacy import PrivacyLedger, ledger_path
+
+    cfg = config_from_dict({**TINY, "federation": {**TINY["federation"], "rounds": 1}})
+    state = tmp_path / "state"
+    summary = run_federation(cfg, tmp_path / "run", plot=False, state_root=state)
+    assert summary["state_root"] == str(state)
+    before = {pid: PrivacyLedger.load(ledger_path(peer_state_dir(state, pid), pid)) for pid in range(4)}
+    r = runner.invoke(app, ["audit", "canary", "--run", str(tmp_path / "run"), "--canaries", "5", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["ledger_scope"] == "lifetime" and res["state_root"] == str(state)
+    for pid in range(4):
+        after = PrivacyLedger.load(ledger_path(peer_state_dir(state, pid), pid))
+        assert len(after.entries) >= len(before[pid].entries) and after.spent_epsilon >= before[pid].spent_epsilon
+        assert [e.hash for e in after.entries[: len(before[pid].entries)]] == [e.hash for e in before[pid].entries]
+        assert {e.run for e in after.entries[len(before[pid].entries):]} <= {e.run for e in after.entries if e.run.startswith("canary-audit-")}
+    assert any(len(PrivacyLedger.load(ledger_path(peer_state_dir(state, p), p)).entries) > len(before[p].entries)
+               for p in range(4))
+    assert (canary_dir(tmp_path / "run") / "ledgers" / "peer_0.json").is_file()

@@ -7,10 +7,10 @@ trains on one has to memorise it. Each canary is inserted into its peer's
 private training data independently with probability 1/2
 (:meth:`CanaryDraw.insert`, a peer data hook).
 
-Every canary is scored by the models trained on its peer's data
-(:class:`CanaryScores`: right after each round its peer aggregated, minus the
-loss on the canary's label, standardised per model; higher = more likely
-included). The auditor guesses IN for the ``k_pos`` highest scores and OUT for
+Every canary is scored by how much training on its peer's data moved the
+models towards its label (:class:`CanaryScores`: the change of the label's
+log-probability over each round its peer aggregated, standardised per model;
+higher = more likely included). The auditor guesses IN for the ``k_pos`` highest scores and OUT for
 the ``k_neg`` lowest, abstaining on the rest; the number of correct guesses
 gives an empirical epsilon lower bound at the stated confidence
 (:func:`~secure_dfml.audit.one_run_audit`; a small grid of (k_pos, k_neg) is
@@ -221,51 +221,62 @@ def canary_peer_entry(
 
 
 class CanaryScores:
-    """Each canary's membership score, from every model trained on its owner's data.
+    """Each canary's membership score: how much training on its peer's data moved
+    the models towards it.
 
-    After every round, each canary of a peer that aggregated in it is scored by
-    every model of that group (they have just been trained on the aggregator's
-    data: its own model and the models it returned); the score is minus the
-    loss on the canary's label, standardised over all canaries under that
-    model so that different models' scores are comparable; a canary's score is
-    the mean over those snapshots (its peer's final model when the peer never
-    aggregated). Every model of every round is DP-SGD output or post-processing
-    of it (the ledger's accounting covers every iterate), so any function of
-    them is a legitimate guess; the snapshots right after training are where
-    memorisation shows most, before averaging and later rounds dilute it.
+    Every round, each model's log-probability of every canary's label is taken
+    before and after the round. For a peer that aggregated, the models of its
+    group have just been trained on its data (its own model and the models it
+    returned); for each of them the change (after - before) is standardised over
+    all canaries of all peers -- the changes on other peers' canaries are the
+    null -- and a canary's score is the mean of its peer's standardised changes
+    over every round that peer aggregated (its final model's standardised score
+    when it never did). The model itself before training is the reference that
+    removes each canary's own difficulty. Every model of every round is DP-SGD
+    output or post-processing of it (the ledger's accounting covers every
+    iterate), so any function of them is a legitimate guess.
     """
 
-    def __init__(self, draw: CanaryDraw) -> None:
+    def __init__(self, draw: CanaryDraw, models: Sequence[torch.nn.Module]) -> None:
         peers, m = draw.labels.shape
         self._x = np.ascontiguousarray(draw.x.reshape(peers * m, *draw.x.shape[2:]), dtype=np.float32)
         self._labels = draw.labels.reshape(-1)
         self._shape = (peers, m)
         self._total = np.zeros((peers, m))
         self._count = np.zeros(peers, dtype=np.int64)
+        self._before = [self._log_prob(model) for model in models]
 
-    def standardized(self, model: torch.nn.Module) -> np.ndarray:
-        """Every canary's score under ``model``, standardised over all canaries: (peers, m)."""
-        s = compute_signals(model, self._x, self._labels).log_prob
-        spread = float(s.std())
-        return ((s - s.mean()) / (spread if spread > 0 else 1.0)).reshape(self._shape)
+    def _log_prob(self, model: torch.nn.Module) -> np.ndarray:
+        return compute_signals(model, self._x, self._labels).log_prob
 
-    def observe(self, owner: int, models: Sequence[torch.nn.Module]) -> None:
-        """Score ``owner``'s canaries with ``models`` (just trained on its data): one snapshot."""
-        if not models:
-            return
-        self._total[owner] += np.mean([self.standardized(mod)[owner] for mod in models], axis=0)
-        self._count[owner] += 1
+    @staticmethod
+    def _standardized(v: np.ndarray) -> np.ndarray:
+        spread = float(v.std())
+        return (v - v.mean()) / (spread if spread > 0 else 1.0)
+
+    def after_round(self, models: Sequence[torch.nn.Module], groups: Sequence[tuple[int, Sequence[int]]]) -> None:
+        """Record a round: ``models`` as they are now, and per group (aggregator, the
+        models trained on its data) -- one snapshot for each aggregator's canaries."""
+        after = [self._log_prob(model) for model in models]
+        for owner, trained in groups:
+            if not trained:
+                continue
+            changes = [self._standardized(after[j] - self._before[j]).reshape(self._shape)[owner] for j in trained]
+            self._total[owner] += np.mean(changes, axis=0)
+            self._count[owner] += 1
+        self._before = after
 
     @property
     def snapshots(self) -> list[int]:
         return self._count.tolist()
 
-    def scores(self, final_models: Sequence[torch.nn.Module]) -> np.ndarray:
-        """(peers, m) scores; a peer with no snapshot is scored by its final model."""
-        for i, model in enumerate(final_models):
-            if self._count[i] == 0:
-                self.observe(i, [model])
-        return self._total / np.maximum(self._count, 1)[:, None]
+    def scores(self) -> np.ndarray:
+        """(peers, m) scores on one scale for all peers; a peer that never aggregated
+        is scored by its last model (standardised minus the loss)."""
+        out = self._total / np.maximum(self._count, 1)[:, None]
+        for i in np.flatnonzero(self._count == 0):
+            out[i] = self._standardized(self._before[i]).reshape(self._shape)[i]
+        return out
 
 
 def pooled_canary_entry(
@@ -297,8 +308,9 @@ def pooled_canary_entry(
         "canaries_included": int(included.sum()),
         **res.to_dict(),
         "attainable_epsilon": one_run_attainable(m, k_pos=k_pos, k_neg=k_neg, confidence=confidence, delta=delta),
-        "score": "mean over the models trained on the canary's peer's data, right after each round it aggregated, of "
-                 "minus the loss on the canary's label, standardised over all canaries under each model",
+        "score": "mean, over every round the canary's peer aggregated and every model trained on its data in it, of "
+                 "the change of the log-probability of the canary's label over the round, standardised over all "
+                 "canaries",
     }
     spent = [st.get("epsilon_spent") for st in statuses if st is not None] if private else []
     ceiling = max((float(e) for e in spent if e is not None), default=None) if private else None
@@ -347,7 +359,7 @@ def canary_findings(
     findings.append(finding(
         "note",
         f"{per_peer} canaries per peer, each included in its peer's training data with probability 1/2, scored by "
-        "the models trained on its peer's data right after each round that peer aggregated; guesses "
+        "the change of the models trained on its peer's data over each round that peer aggregated; guesses "
         f"from the top k_pos / bottom k_neg scores, per peer over (k_pos, k_neg) in {k_pos} x {k_neg} and pooled "
         f"over all peers' standardised scores, each with a Bonferroni correction (Steinke, Nasr, Jagielski 2023).",
     ))

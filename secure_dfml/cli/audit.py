@@ -43,7 +43,7 @@ from secure_dfml.certify import check_run
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, setup_logging
 from secure_dfml.config import load_config
 from secure_dfml.errors import AuditError
-from secure_dfml.orchestration.canary import DEFAULT_CANARIES, canary_dir, run_canary_audit
+from secure_dfml.orchestration.canary import DEFAULT_CANARIES, canary_dir, run_canary_audit, run_state_root
 from secure_dfml.rundir import check_run_dir, read_config
 
 __all__ = ["audit"]
@@ -238,6 +238,9 @@ def audit(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Canary audit: the federation's TOML config.")] = None,
     run: Annotated[Optional[Path], typer.Option(
         "--run", help="Canary audit of a run: train its config.toml with canaries; results in RUN/audit/canary/.")] = None,
+    state: Annotated[Optional[Path], typer.Option(
+        "--state", help="Canary audit: charge the peers' lifetime ledgers in DIR (default with --run: the run's own "
+                        "--state, if it had one).")] = None,
     canaries: Annotated[int, typer.Option("--canaries", help="Canary audit: canaries per peer.")] = DEFAULT_CANARIES,
     canary_kind: Annotated[str, typer.Option(
         "--canary-kind", help=f"Canary audit: {' or '.join(CANARY_KINDS)} (synthetic out-of-distribution records with "
@@ -262,12 +265,12 @@ def audit(
                          "or --list-threat-models")
     rng = np.random.default_rng(seed)
     if target == "canary":
-        _canary(config=config, run=run, canaries=canaries, kind=canary_kind, confidence=confidence, out=out, rng=rng,
-                fmt=format,
+        _canary(config=config, run=run, state=state, canaries=canaries, kind=canary_kind, confidence=confidence, out=out,
+                rng=rng, fmt=format,
                 stray={"--threat-model": threat_model, "--attacks": attacks, "--peers": peers})
         return
-    if run is not None:
-        raise AuditError("--run belongs to the canary audit (secure-dfml audit canary --run RUN_DIR); to attack a "
+    if run is not None or state is not None:
+        raise AuditError("--run and --state belong to the canary audit (secure-dfml audit canary --run RUN_DIR); to attack a "
                          "run's models pass the run directory itself: secure-dfml audit RUN_DIR --threat-model NAME")
     if config is not None:
         raise AuditError("--config belongs to the canary audit (secure-dfml audit canary --config FILE); a run "
@@ -325,7 +328,8 @@ def _refuse_tampered(run_path: Path) -> None:
         )
 
 
-def _canary(*, config: Path | None, run: Path | None, canaries: int, kind: str, confidence: float, out: Path | None,
+def _canary(*, config: Path | None, run: Path | None, state: Path | None, canaries: int, kind: str, confidence: float,
+            out: Path | None,
             rng: np.random.Generator, fmt: OutputFormat, stray: dict[str, Any]) -> None:
     given = [k for k, v in stray.items() if v is not None]
     if given:
@@ -338,6 +342,8 @@ def _canary(*, config: Path | None, run: Path | None, canaries: int, kind: str, 
         _refuse_tampered(run_dir)
         cfg = read_config(run_dir)
         out = out if out is not None else canary_dir(run_dir)
+        if state is None:
+            state = run_state_root(run_dir)
     else:
         assert config is not None
         cfg = load_config(config)
@@ -350,7 +356,7 @@ def _canary(*, config: Path | None, run: Path | None, canaries: int, kind: str, 
             prog.update(task, completed=done, total=total, description=what)
 
         res = run_canary_audit(cfg, canaries_per_peer=canaries, confidence=confidence, rng=rng, out_dir=out,
-                               progress=report, kind=kind)
+                               progress=report, kind=kind, state_root=state)
     if fmt is OutputFormat.json:
         print_json(res)
     else:

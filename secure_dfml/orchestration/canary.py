@@ -10,8 +10,10 @@ peer's ledger as usual), runs all its rounds, and writes the audit's folder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import numpy as np
 
 from secure_dfml._fsutil import staging_dir, write_output_dir
 from secure_dfml._jsonutil import json_text, utc_now
-from secure_dfml._run import build_federation, load_federation_data
+from secure_dfml._run import build_federation, copy_lifetime_ledgers, hold_lifetime_ledgers, load_federation_data
 from secure_dfml.audit import (
     CANARY_FORMAT,
     CANARY_VERSION,
@@ -39,13 +41,19 @@ from secure_dfml.audit import (
 )
 from secure_dfml.config import RunConfig, dump_toml
 from secure_dfml.errors import AuditError
-from secure_dfml.rundir import AUDIT, CANARY, CANARY_RESULTS, CONFIG, ledgers_dir
+from secure_dfml.rundir import AUDIT, CANARY, CANARY_RESULTS, CONFIG, ledgers_dir, read_summary
 
-__all__ = ["CANARY_FILES", "DEFAULT_CANARIES", "canary_dir", "run_canary_audit"]
+__all__ = ["CANARY_FILES", "DEFAULT_CANARIES", "canary_dir", "run_canary_audit", "run_state_root"]
 
 _LOG = logging.getLogger(__name__)
 
-DEFAULT_CANARIES = 50
+DEFAULT_CANARIES = 100
+
+
+def run_state_root(run_dir: str | Path) -> Path | None:
+    """The state root whose lifetime ledgers a finished run charged (None: research ledgers)."""
+    root = (read_summary(Path(run_dir)) or {}).get("state_root")
+    return Path(root) if isinstance(root, str) and root else None
 
 
 def canary_dir(run_dir: str | Path) -> Path:
@@ -63,6 +71,7 @@ def run_canary_audit(
     canaries_per_peer: int = DEFAULT_CANARIES,
     confidence: float = 0.95,
     kind: str = DEFAULT_CANARY_KIND,
+    state_root: str | Path | None = None,
     rng: np.random.Generator,
     out_dir: str | Path,
     progress: AuditProgress | None = None,
@@ -70,8 +79,9 @@ def run_canary_audit(
     """Train ``cfg`` once with canaries and bound each peer's epsilon from below.
 
     Writes ``out_dir/canary.json``, ``canary.md``, ``canary.html``,
-    ``config.toml`` and the audit run's ``ledgers/`` (a fresh budget: this is a
-    separate training run, not the deployment's). ``out_dir`` must be new,
+    ``config.toml`` and the audit run's ``ledgers/``. This is a separate training
+    run on the peers' records: with ``state_root`` it is charged to their lifetime
+    ledgers (copied into ``ledgers/``), otherwise to ledgers of its own. ``out_dir`` must be new,
     empty, or an earlier canary audit's folder (then it is replaced only once
     this one succeeds).
     """
@@ -85,8 +95,12 @@ def run_canary_audit(
                          num_classes=ds.num_classes, rng=rng, kind=kind)
 
     staging = staging_dir(out)
+    held = contextlib.ExitStack()
     try:
-        fed = build_federation(cfg, ledger_dir=ledgers_dir(staging), peer_data_hook=draw.insert)
+        if state_root is not None:  # charge the peers' lifetime ledgers: this run reads their records too
+            hold_lifetime_ledgers(held, state_root, cfg.federation.peers)
+        fed = build_federation(cfg, ledger_dir=ledgers_dir(staging), peer_data_hook=draw.insert, state_root=state_root,
+                               run_id=f"canary-audit-{uuid.uuid4().hex}")
         for i, p in enumerate(fed.peers):
             want = len(split.peers[i].train) + int(draw.included[i].sum())
             if p.num_train != want:
@@ -95,21 +109,19 @@ def run_canary_audit(
         last: Mapping[str, Any] = {}
         if progress is not None:
             progress(0, rounds, "training rounds (with canaries)")
-        scorer = CanaryScores(draw)
         n = len(fed.peers)
+        scorer = CanaryScores(draw, [p.model for p in fed.peers])
         for t, record in enumerate(fed.rounds(), 1):
             last = record
-            for g in record.get("groups", []):  # the models just trained on the aggregator's data
-                owner = int(g["aggregator"])
-                if 0 <= owner < n:
-                    trained = [owner, *(int(j) for j in g.get("returned", []) if 0 <= int(j) < n)]
-                    scorer.observe(owner, [fed.peers[j].model for j in trained])
+            scorer.after_round([p.model for p in fed.peers], [  # per group: the models just trained on its data
+                (int(g["aggregator"]), [int(g["aggregator"]), *(int(j) for j in g.get("returned", []) if 0 <= int(j) < n)])
+                for g in record.get("groups", []) if 0 <= int(g["aggregator"]) < n])
             if progress is not None:
                 progress(t, rounds, "training rounds (with canaries)")
         private = bool(cfg.privacy.enabled)
         peers_out: dict[str, Any] = {}
         comparisons: list[LedgerComparison] = []
-        all_scores = scorer.scores([p.model for p in fed.peers])
+        all_scores = scorer.scores()
         statuses = [dict(fed.nodes[i].trainer.peer_status(i)) if private else None for i in range(len(fed.peers))]
         for i, p in enumerate(fed.peers):
             entry, cmp = canary_peer_entry(i, p.arch, all_scores[i], draw, train_samples=len(split.peers[i].train),
@@ -134,6 +146,8 @@ def run_canary_audit(
             "canaries_per_peer": m,
             "canary_kind": kind,
             "snapshots_per_peer": scorer.snapshots,
+            "ledger_scope": "lifetime" if state_root is not None else "own",
+            "state_root": None if state_root is None else str(state_root),
             "confidence": confidence,
             "k_pos_grid": k_pos,
             "k_neg_grid": k_neg,
@@ -147,14 +161,18 @@ def run_canary_audit(
                                         per_peer=m),
             "config": cfg.to_dict(),
         }
+        if state_root is not None:
+            copy_lifetime_ledgers(state_root, range(n), ledgers_dir(staging))
         files = dict(zip(CANARY_FILES, (json_text(results), render_canary_markdown(results),
                                         render_canary_html(results), dump_toml(cfg)), strict=True))
         write_output_dir(out, files, staging=staging)
     except BaseException:
+        held.close()
         if any(ledgers_dir(staging).glob("*")):  # spent budget is never rolled back
             _LOG.warning("canary audit failed; the privacy ledgers it wrote are kept in %s", staging)
         else:
             shutil.rmtree(staging, ignore_errors=True)
         raise
+    held.close()
     _LOG.info("canary audit written to %s", out)
     return results

@@ -39,7 +39,7 @@ from secure_dfml.certify import (
 )
 from secure_dfml.config import RunConfig
 from secure_dfml.errors import AuditError
-from secure_dfml.orchestration.canary import canary_dir, run_canary_audit
+from secure_dfml.orchestration.canary import canary_dir, run_canary_audit, run_state_root
 from secure_dfml.privacy import default_delta
 from secure_dfml.rundir import (
     AUDIT,
@@ -62,7 +62,7 @@ __all__ = [
 _LOG = logging.getLogger(__name__)
 
 #: Canaries per peer tried, smallest first, to reach a required audit strength.
-CANARY_LADDER = (20, 50, 100, 200, 500, 1000)
+CANARY_LADDER = (100, 200, 500, 1000)
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def certify_with_audits(
             if out.exists() and not (out / CANARY_RESULTS).is_file():
                 raise AuditError(f"{out} holds files but no {CANARY_RESULTS}; move it away and certify again")
             run_canary_audit(read_config(run), canaries_per_peer=int(step.canaries_per_peer or 0), rng=rng,
-                             out_dir=out, progress=progress)
+                             out_dir=out, progress=progress, state_root=run_state_root(run))
         else:
             audit_run_dir(run, threat_model=step.name, rng=rng, progress=progress)
     return certify(run, requirements, signing_key), steps

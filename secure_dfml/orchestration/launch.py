@@ -347,6 +347,7 @@ def _gather(
     labels = federation_labels_from_config(cfg, plan, dones[0])
     labels["ledger_scope"] = f"lifetime ledgers: every run on a peer's data is charged to its one ledger in {launcher.state_root}"
     labels["run_id"] = launcher.run_id
+    labels["state_root"] = str(launcher.state_root)
     labels["transport"] = f"ZeroMQ over TCP, {n} peer processes"
     labels["restarts"] = {str(k): v for k, v in launcher.restarts.items() if v}
     summary = run_summary(cfg, labels, records, run_dir, seconds, sum(int(d["rejected_messages"]) for d in dones))
