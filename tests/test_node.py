@@ -145,3 +145,26 @@ def test_a_forged_message_never_stands_in_for_the_real_one():
     got = drive(agg, program, respond)
     assert set(got) == {1} and agg.rejected_messages == 1
     assert [r.resume for r in requests] == [False, True]  # the second wait keeps the first deadline
+
+
+def test_peers_of_one_architecture_start_from_one_public_initialisation():
+    """Known defect 19: same-architecture peers started from unrelated random weights, so the first
+    averages averaged unrelated models. The initialisation now derives from public values only."""
+    from secure_dfml._run import init_seed, plan_federation
+
+    cfg = config_with(BASE, models={"mix": ["mlp", "cnn-tiny"]}, federation={"peers": 4, "participants": 4})
+    plan = plan_federation(cfg)
+    states = [plan.peer_state(i) for i in range(4)]
+    assert [s.arch for s in states] == ["mlp", "cnn-tiny", "mlp", "cnn-tiny"]
+
+    def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+    assert same(states[0].model, states[2].model) and same(states[1].model, states[3].model)
+    assert same(states[0].model, plan.initial_model("mlp"))  # anyone can recompute it
+    f = cfg.federation
+    assert len({init_seed(f.id, f.seed, "mlp"), init_seed(f.id, f.seed + 1, "mlp"), init_seed("other", f.seed, "mlp"),
+                init_seed(f.id, f.seed, "cnn-tiny")}) == 4  # another seed, federation or architecture: other weights
+    other = plan_federation(config_with(BASE, models={"mix": ["mlp", "cnn-tiny"]},
+                                        federation={"peers": 4, "participants": 4, "seed": f.seed + 1}))
+    assert not same(other.peer_state(0).model, states[0].model)
