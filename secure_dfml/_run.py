@@ -25,7 +25,7 @@ from secure_dfml.config import DataConfig, RunConfig, load_config
 from secure_dfml.crypto import build_channel, build_ckks_roles, schema_of
 from secure_dfml.data import ArrayDataset, FederatedSplit, load_dataset, split_from_config
 from secure_dfml.errors import ConfigError, RunDirectoryError
-from secure_dfml.models import build_model, resolve_architectures
+from secure_dfml.models import FeatureCache, build_model, resolve_architectures
 from secure_dfml.privacy import ADJACENCY, DPTrainer, atomic_write_bytes, build_trainer, ledger_path
 from secure_dfml.protocol._interfaces import PeerState
 from secure_dfml.protocol._train import PlainTrainer
@@ -137,7 +137,11 @@ def peer_train_sizes(cfg: RunConfig) -> list[int]:
 class FederationPlan:
     """The public facts of a federation every peer derives from the config and
     the (public) partition: architectures, declared sizes, the strategy, the
-    public test set, and how to build a model of any architecture."""
+    public test set, and how to build a model of any architecture.
+
+    ``test_inputs`` is the feature cache of ``x_test``: fixed features of the
+    global test set are computed once per federation (per process) and shared
+    by every peer node built from this plan (``federation.feature_cache``)."""
 
     cfg: RunConfig
     dataset: ArrayDataset | None  # None once a peer kept only its own shard
@@ -152,6 +156,7 @@ class FederationPlan:
     peer_seeds: tuple[int, ...]
     x_test: torch.Tensor
     y_test: torch.Tensor
+    test_inputs: FeatureCache | None = None
 
     def model(self, arch: str, generator: torch.Generator) -> torch.nn.Module:
         return build_model(
@@ -211,6 +216,7 @@ class FederationPlan:
                 peer_id=peer_id, arch=self.archs[0], model=self.initial_model(self.archs[0]),
                 x_train=empty_x, y_train=empty_y, x_local_test=empty_x, y_local_test=empty_y,
                 num_classes=self.num_classes, generator=torch.Generator().manual_seed(self.peer_seeds[0]),
+                cache_features=f.feature_cache,
             )
         if not 0 <= peer_id < f.peers:
             raise ConfigError(f"peer id {peer_id} is not in the federation (ids 0..{f.peers - 1})")
@@ -243,6 +249,7 @@ class FederationPlan:
             y_local_test=torch.from_numpy(np.ascontiguousarray(yt_np, dtype=np.int64)),
             num_classes=self.dataset.num_classes,
             generator=torch.Generator().manual_seed(seed ^ 0x5EED),
+            cache_features=f.feature_cache,
         )
 
 
@@ -281,13 +288,15 @@ def plan_federation(cfg: RunConfig, *, declared_train: Sequence[int] | None = No
     sizes = [int(len(p.train)) for p in split.peers] if declared_train is None else [int(n) for n in declared_train]
     server_id = f.peers if strategy.uses_server else None
     all_archs = archs + ((archs[0],) if server_id is not None else ())
+    x_test = torch.from_numpy(np.ascontiguousarray(dataset.x_test, dtype=np.float32))
     plan = FederationPlan(
         cfg=cfg, dataset=dataset, split=split, dataset_name=dataset.name, input_shape=tuple(dataset.input_shape),
         num_classes=dataset.num_classes, kind=dataset.kind, archs=all_archs, strategy=strategy,
         directory=PublicDirectory(federation_id=f.id, archs=all_archs, num_train=(), schemas={}),
         peer_seeds=peer_seeds,
-        x_test=torch.from_numpy(np.ascontiguousarray(dataset.x_test, dtype=np.float32)),
+        x_test=x_test,
         y_test=torch.from_numpy(np.ascontiguousarray(dataset.y_test, dtype=np.int64)),
+        test_inputs=FeatureCache(x_test, enabled=f.feature_cache),
     )
     gen = torch.Generator().manual_seed(0)
     schemas = {i: schema_of(plan.model(a, gen).state_dict()) for i, a in enumerate(all_archs)}
@@ -330,6 +339,7 @@ def build_node(
         x_test=plan.x_test,
         y_test=plan.y_test,
         averager=build_ckks_roles(cfg.crypto),
+        test_inputs=plan.test_inputs,
     )
 
 

@@ -46,6 +46,10 @@ class FederationConfig:
     seed: int = 0
     algorithm: Algorithm = "dfml"
     eval_every: int = 1
+    # Fixed features (the scattering front end of scatter-* models) computed once per
+    # sample and reused for training and evaluation; false recomputes them in every
+    # forward pass (same results up to float rounding, same privacy accounting).
+    feature_cache: bool = True
 
     def validate(self, path: str) -> None:
         _require(bool(self.id), f"{path}.id", self.id, "a non-empty string")

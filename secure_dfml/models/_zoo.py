@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secure_dfml.errors import ModelError
+from secure_dfml.models._features import FixedFrontEnd, shared_buffer
 
 
 def _flat(shape: tuple[int, ...]) -> int:
@@ -121,24 +122,34 @@ def morlet_bank(scales: int, orientations: int, size: int) -> torch.Tensor:
     return torch.stack(out).to(torch.float32)
 
 
-class Scattering(nn.Module):
+class Scattering(FixedFrontEnd):
     """First-order scattering features |x * psi_{j,theta}| and a low-pass of x,
     averaged over ``pool`` x ``pool`` cells and normalised per sample and channel.
 
     The wavelets are fixed (non-persistent buffers, no parameters): nothing here is
     trained, sent, or clipped.  Hand-crafted features like these let DP-SGD train
-    few parameters on good features (Tramer & Boneh, ICLR 2021)."""
+    few parameters on good features (Tramer & Boneh, ICLR 2021).  A fixed front
+    end (:class:`~secure_dfml.models._features.FixedFrontEnd`): its features are
+    computed once per sample and cached, and one filter bank per (channels,
+    scales, orientations, size) is shared by every instance in the process."""
 
     def __init__(self, channels: int, *, scales: int = 2, orientations: int = 8, pool: int = 7) -> None:
         super().__init__()
         size = 2 * math.ceil(3 * 0.8 * 2 ** (scales - 1)) + 1  # +-3 sigma of the widest envelope
-        bank = morlet_bank(scales, orientations, size)  # (S, 2, k, k)
-        weight = bank.reshape(-1, 1, size, size).repeat(channels, 1, 1, 1)  # per input channel
-        self.register_buffer("weight", weight, persistent=False)
-        self.channels, self.filters, self.pad = channels, bank.shape[0], size // 2
+        self.bank_key = ("morlet", channels, scales, orientations, size)
+
+        def make() -> torch.Tensor:
+            bank = morlet_bank(scales, orientations, size)  # (S, 2, k, k)
+            return bank.reshape(-1, 1, size, size).repeat(channels, 1, 1, 1)  # per input channel
+
+        self.register_buffer("weight", shared_buffer(self.bank_key, make), persistent=False)
+        self.channels, self.filters, self.pad = channels, scales * orientations, size // 2
         self.pool = nn.AdaptiveAvgPool2d(pool)
         self.out_shape = (channels * (1 + self.filters), pool, pool)
         self.norm = nn.GroupNorm(self.out_shape[0], self.out_shape[0], affine=False)  # one group per channel
+
+    def cache_key(self) -> tuple[object, ...]:
+        return ("scattering", *self.bank_key, self.out_shape, self.norm.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.conv2d(x, self.weight, padding=self.pad, groups=self.channels)  # (B, C*S*2, H, W)
@@ -149,7 +160,8 @@ class Scattering(nn.Module):
 
 class ScatterNet(nn.Module):
     """Fixed scattering features, then a head: linear (default), a small CNN
-    (``widths``: conv layers) or an MLP (``hidden``: hidden layer widths)."""
+    (``widths``: conv layers) or an MLP (``hidden``: hidden layer widths).
+    ``fixed_front`` / ``forward_from_front`` let the features be cached."""
 
     def __init__(
         self, channels: int, num_classes: int, *, widths: tuple[int, ...] = (), hidden: tuple[int, ...] = ()
@@ -166,8 +178,15 @@ class ScatterNet(nn.Module):
             width = self.features(torch.zeros(1, *self.scatter.out_shape)).numel()
         self.head = MLP(width, hidden, num_classes)
 
+    @property
+    def fixed_front(self) -> Scattering:
+        return self.scatter
+
+    def forward_from_front(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(z))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(self.scatter(x)))
+        return self.forward_from_front(self.scatter(x))
 
 
 Builder = Callable[[tuple[int, ...], int], nn.Module]

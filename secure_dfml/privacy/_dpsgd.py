@@ -80,6 +80,17 @@ from secure_dfml.protocol._train import make_optimizer
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: A module's input: one tensor, or several (a joint module whose models read
+#: different inputs, e.g. raw samples and cached fixed features), indexed by sample.
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def _as_tuple(x: Inputs) -> tuple[torch.Tensor, ...]:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _take(x: Inputs, idx: torch.Tensor | slice) -> tuple[torch.Tensor, ...]:
+    return tuple(t[idx] for t in _as_tuple(x))
 
 # ---------------------------------------------------------------------------
 # Randomness
@@ -259,8 +270,8 @@ class _Strategy:
     def _wrap(self, module: nn.Module) -> AbstractGradSampleModule:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wrapped(x)
+    def forward(self, *x: torch.Tensor) -> torch.Tensor:
+        return self.wrapped(*x)
 
     def backward(self, loss: torch.Tensor, out: torch.Tensor, batch_dim: int) -> None:
         loss.backward()
@@ -746,24 +757,24 @@ class DPSGDSession:
             self.close()
             raise
 
-    def _gradients(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+    def _gradients(self, xb: Inputs, yb: torch.Tensor) -> None:
         assert self._strategy is not None, "session is closed"
         self.optimizer.zero_grad(set_to_none=True)
         if yb.shape[0] == 0:
             self._strategy.empty_batch(self.params)
         else:
-            out = self._strategy.forward(xb)
+            out = self._strategy.forward(*_as_tuple(xb))
             with warnings.catch_warnings():
                 # Opacus' hooks fire on inputs that need no gradient (the first layer's
                 # data); the warning is expected and would flood every step.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 self._strategy.backward(self.loss_fn(out, yb), out, self.batch_dim)
 
-    def step(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
+    def step(self, xb: Inputs, yb: torch.Tensor) -> None:
         self._gradients(xb, yb)
         self.optimizer.step()
 
-    def noisy_gradient(self, xb: torch.Tensor, yb: torch.Tensor) -> list[torch.Tensor]:
+    def noisy_gradient(self, xb: Inputs, yb: torch.Tensor) -> list[torch.Tensor]:
         """The privatised gradient of one step, without updating the module."""
         self._gradients(xb, yb)
         self.optimizer.pre_step()
@@ -797,7 +808,7 @@ class PhaseResult:
 def run_dp_sgd(
     module: nn.Module,
     *,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     loss_fn: LossFn,
     batch_dim: int,
@@ -812,8 +823,10 @@ def run_dp_sgd(
     lr: float | None = None,
 ) -> PhaseResult:
     """Run ``steps`` DP-SGD steps of ``module`` on (x, y) with Poisson sampling at
-    ``sample_rate`` (expected batch ``sample_rate * n``).  The module is
-    unwrapped and scrubbed afterwards, also on error."""
+    ``sample_rate`` (expected batch ``sample_rate * n``).  ``x`` is one tensor or
+    a tuple (``module`` then takes one positional input per element, each
+    indexed by the same sampled records).  The module is unwrapped and scrubbed
+    afterwards, also on error; the wrapper and optimizer live for this call only."""
     n = int(y.shape[0])
     compute = 0.0
     batch_total = 0
@@ -834,7 +847,7 @@ def run_dp_sgd(
         for _ in range(steps):
             idx = randomness.poisson_indices(n, sample_rate)
             t0 = time.perf_counter()
-            session.step(x[idx], y[idx])
+            session.step(_take(x, idx), y[idx])
             compute += time.perf_counter() - t0
             batch_total += int(idx.numel())
     return PhaseResult(steps=steps, compute_seconds=compute, mode=session.mode, mean_batch=batch_total / max(steps, 1))
@@ -843,7 +856,7 @@ def run_dp_sgd(
 def clipped_sum_gradient(
     module: nn.Module,
     *,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     loss_fn: LossFn,
     batch_dim: int,
@@ -872,7 +885,7 @@ def clipped_sum_gradient(
 def reference_clipped_sum(
     module: nn.Module,
     *,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     loss_fn: LossFn,
     batch_dim: int,
@@ -886,7 +899,7 @@ def reference_clipped_sum(
     bounds, group_of = _clip_partition(module, max_grad_norm, clip_groups)
     total = [torch.zeros_like(p) for p in params]
     for i in range(int(y.shape[0])):
-        out = module(x[i : i + 1])
+        out = module(*_take(x, slice(i, i + 1)))
         grads = torch.autograd.grad(loss_fn(out, y[i : i + 1]), params)
         sq = [0.0] * len(bounds)
         for p, g in zip(params, grads, strict=True):

@@ -36,6 +36,13 @@ Class prior for WSM (``privacy.class_prior``):
   noisy counts are floored at 1 and normalised (post-processing) and reused in
   later rounds at no further cost.  Laplace noise is not offered: it does not
   compose inside Opacus' accountants.
+
+Fixed features: models with a fixed front end (the ``scatter-*`` models) train
+on features cached per peer (:class:`~secure_dfml.models.FeatureCache`, computed
+once) instead of running the front in every step.  The front has no
+parameters, so the per-sample gradients, their clipping and the noise are
+exactly those of the full model on raw samples (tested), and the privacy
+accounting is unchanged: same mechanism, same ledger entries.
 """
 
 from __future__ import annotations
@@ -57,8 +64,8 @@ from secure_dfml.privacy._ledger import PrivacyLedger, ledger_path
 from secure_dfml.privacy._planner import DEFAULT_PRIOR_FRACTION, PeerBudget, PeerPlan, plan_all, resolve_budget
 from secure_dfml.privacy._validate import validate_model
 from secure_dfml.protocol._interfaces import PeerState, PhaseReport, Trainer
-from secure_dfml.protocol._train import PlainTrainer
-from secure_dfml.protocol.losses import JointModel, mutual_learning_loss
+from secure_dfml.protocol._train import PlainTrainer, training_module
+from secure_dfml.protocol.losses import mutual_learning_loss
 from secure_dfml.protocol.schedule import lr_at
 
 logger = logging.getLogger(__name__)
@@ -248,7 +255,7 @@ class DPTrainer:
     def _phase(
         self,
         peer: PeerState,
-        module: nn.Module,
+        models: nn.Module | Sequence[nn.Module],
         *,
         phase: str,
         epochs: int,
@@ -256,10 +263,12 @@ class DPTrainer:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         batch_dim: int,
         extra: Mapping[str, float] | None = None,
-        clip_groups: Sequence[Sequence[nn.Parameter]] | None = None,
+        per_model_clipping: bool = False,
     ) -> PhaseReport:
-        """One DP-SGD phase on ``peer``'s data: plan the mechanism, pass the budget
-        gate (recorded in the ledger before training), then train."""
+        """One DP-SGD phase of ``models`` (one, or a group trained jointly) on
+        ``peer``'s data: plan the mechanism, pass the budget gate (recorded in
+        the ledger before training), then train.  The Opacus wrapper and the
+        optimizer live for this phase only."""
         mech = self._mechanism(peer, epochs)
         if mech is None:
             plan = self._plans[peer.peer_id]
@@ -274,9 +283,13 @@ class DPTrainer:
         refused = self._admit(peer.peer_id, round_index=round_index, phase=phase, mechanism=mech)
         if refused is not None:
             return PhaseReport(ran=False, reason=refused, extra=self._extra(peer.peer_id))
+        # all models of a group as ONE module: the joint per-sample gradient is clipped
+        # and noised once per step (one subsampled Gaussian mechanism on the aggregator's data)
+        module, xs = training_module(peer.inputs("train"), models)
+        clip_groups = [list(m.parameters()) for m in module.members] if per_model_clipping else None  # type: ignore[union-attr]
         result = run_dp_sgd(
             module,
-            x=peer.x_train,
+            x=xs if len(xs) > 1 else xs[0],
             y=peer.y_train,
             loss_fn=loss_fn,
             batch_dim=batch_dim,
@@ -330,14 +343,11 @@ class DPTrainer:
                 list(out.unbind(0)), y, alpha=alpha, temperature=temperature, class_prior=class_prior
             )
 
-        # all models of the group as ONE module: the joint per-sample gradient is clipped
-        # and noised once per step (one subsampled Gaussian mechanism on the aggregator's data)
-        joint = JointModel(models)
         per_model = self.cfg.privacy.clipping == "per-model" and len(models) > 1
         return self._phase(
-            aggregator, joint, phase="mutual", epochs=epochs, round_index=round_index,
+            aggregator, list(models), phase="mutual", epochs=epochs, round_index=round_index,
             loss_fn=loss_fn, batch_dim=1, extra={"models": float(len(models))},
-            clip_groups=[list(m.parameters()) for m in joint.members] if per_model else None,
+            per_model_clipping=per_model,
         )
 
     def class_prior(self, peer: PeerState, *, round_index: int) -> torch.Tensor:

@@ -15,17 +15,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Literal, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
+
+from secure_dfml.models import FeatureCache
 
 T = TypeVar("T")
 
 
 @dataclass
 class PeerState:
-    """A peer as the engine sees it.  Data tensors never leave the peer."""
+    """A peer as the engine sees it.  Data tensors never leave the peer.
+
+    ``inputs("train")`` / ``inputs("local_test")`` are the peer's fixed-feature
+    caches of ``x_train`` / ``x_local_test`` (:class:`~secure_dfml.models.FeatureCache`):
+    the features of the ``scatter-*`` front end are computed once per peer and
+    reused by every model trained or evaluated on its data
+    (``cache_features=False``: every model runs its front end itself)."""
 
     peer_id: int
     arch: str
@@ -39,10 +47,23 @@ class PeerState:
     peak_state: dict[str, torch.Tensor] | None = None
     peak_round: int | None = None
     peak_metrics: tuple[float, float] | None = None  # (global, local) accuracy of the peak model
+    cache_features: bool = True
+    _caches: dict[str, FeatureCache] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_train(self) -> int:
         return int(self.y_train.shape[0])
+
+    def inputs(self, which: Literal["train", "local_test"]) -> FeatureCache:
+        """The feature cache of ``x_train`` or ``x_local_test`` (made on first use,
+        and again if the tensor was replaced)."""
+        if which not in ("train", "local_test"):
+            raise ValueError(f"which = {which!r}: expected 'train' or 'local_test'")
+        x = self.x_train if which == "train" else self.x_local_test
+        cache = self._caches.get(which)
+        if cache is None or cache.x is not x or cache.enabled != self.cache_features:
+            cache = self._caches[which] = FeatureCache(x, enabled=self.cache_features)
+        return cache
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""Non-private training: the reference Trainer (research mode, labelled non-private)."""
+"""Non-private training: the reference Trainer (research mode, labelled non-private).
+
+Models with a fixed front end (the ``scatter-*`` models) train on the features
+cached in the peer's :class:`~secure_dfml.models.FeatureCache` (computed once per
+peer), the others on raw samples; mutual learning feeds each model of the group
+what it needs (:func:`training_module`)."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from secure_dfml.config import DFMLConfig
+from secure_dfml.models import FeatureCache, RoutedJoint
 from secure_dfml.protocol._interfaces import PeerState, PhaseReport
 from secure_dfml.protocol.losses import JointModel, mutual_learning_loss
 from secure_dfml.protocol.schedule import lr_at
@@ -36,6 +42,25 @@ def empirical_class_prior(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return counts / counts.sum().clamp_min(1)
 
 
+def training_module(
+    cache: FeatureCache, models: Sequence[nn.Module] | nn.Module
+) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The module to train and its inputs (one tensor each, indexed by sample).
+
+    One model: itself on raw samples, or :class:`~secure_dfml.models.OnFeatures`
+    on its cached features.  A sequence: all of them as one module returning the
+    stacked logits (``JointModel`` when they share one input, else
+    :class:`~secure_dfml.models.RoutedJoint` with one input per kind).  The
+    trained parameters are the models' own in every case."""
+    if isinstance(models, nn.Module):
+        net, x = cache.inputs(models)
+        return net, (x,)
+    members, routes, tensors = cache.joint_inputs(models)
+    if len(tensors) <= 1:
+        return JointModel(members), (tensors[0] if tensors else cache.x,)
+    return RoutedJoint(members, routes), tuple(tensors)
+
+
 class PlainTrainer:
     """SGD without differential privacy.  Every result it produces is non-private."""
 
@@ -48,13 +73,16 @@ class PlainTrainer:
 
     def _sgd(
         self,
-        module: nn.Module,
+        models: Sequence[nn.Module] | nn.Module,
         peer: PeerState,
         epochs: int,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         round_index: int,
     ) -> PhaseReport:
-        """``epochs`` of shuffled mini-batch SGD of ``module`` on ``peer``'s training data."""
+        """``epochs`` of shuffled mini-batch SGD of ``models`` (one, or a group
+        trained jointly) on ``peer``'s training data.  The optimizer lives for
+        this phase only."""
+        module, xs = training_module(peer.inputs("train"), models)
         module.train()
         opt = make_optimizer(module.parameters(), self.cfg, lr=lr_at(round_index, self.rounds, self.cfg))
         steps, compute = 0, 0.0
@@ -62,7 +90,7 @@ class PlainTrainer:
             for idx in shuffled_batches(peer.num_train, self.cfg.batch_size, peer.generator):
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=True)
-                loss_fn(module(peer.x_train[idx]), peer.y_train[idx]).backward()
+                loss_fn(module(*(x[idx] for x in xs)), peer.y_train[idx]).backward()
                 opt.step()
                 compute += time.perf_counter() - t0
                 steps += 1
@@ -92,7 +120,7 @@ class PlainTrainer:
                 list(logits.unbind(0)), y, alpha=alpha, temperature=temperature, class_prior=class_prior
             )
 
-        return self._sgd(JointModel(models), aggregator, epochs, loss_fn, round_index)
+        return self._sgd(list(models), aggregator, epochs, loss_fn, round_index)
 
     def class_prior(self, peer: PeerState, *, round_index: int) -> torch.Tensor:
         if not self.use_wsm:

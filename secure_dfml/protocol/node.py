@@ -47,6 +47,7 @@ from torch import nn
 from secure_dfml.config import RunConfig
 from secure_dfml.crypto.codec import Schema, decode_state, encode_state
 from secure_dfml.errors import SecureDFMLError
+from secure_dfml.models import FeatureCache
 from secure_dfml.protocol._interfaces import Channel, PeerState, PhaseReport, Trainer
 from secure_dfml.protocol.schedule import alpha_at, is_peak
 from secure_dfml.protocol.selection import Group
@@ -115,15 +116,18 @@ class PublicDirectory:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> float:
-    """Accuracy of ``model`` on (x, y); NaN for an empty set."""
+def evaluate(model: nn.Module, x: torch.Tensor | FeatureCache, y: torch.Tensor, batch_size: int = 2048) -> float:
+    """Accuracy of ``model`` on (x, y); NaN for an empty set.  With a
+    :class:`~secure_dfml.models.FeatureCache` for ``x`` a model with a fixed
+    front end reads the cached features (computed once) instead of recomputing them."""
     if len(y) == 0:
         return float("nan")
+    net, inputs = x.inputs(model) if isinstance(x, FeatureCache) else (model, x)
     was_training = model.training
     model.eval()
     correct = 0
     for start in range(0, len(y), batch_size):
-        correct += int((model(x[start : start + batch_size]).argmax(1) == y[start : start + batch_size]).sum())
+        correct += int((net(inputs[start : start + batch_size]).argmax(1) == y[start : start + batch_size]).sum())
     model.train(was_training)
     return correct / len(y)
 
@@ -185,7 +189,10 @@ class PeerNode:
         x_test: torch.Tensor,
         y_test: torch.Tensor,
         averager: Any = None,
+        test_inputs: FeatureCache | None = None,
     ) -> None:
+        """``test_inputs``: the feature cache of ``x_test`` (one per federation,
+        shared by the nodes of a process); by default the node makes its own."""
         if endpoint.peer_id != state.peer_id:
             raise SecureDFMLError(f"peer {state.peer_id} was given the endpoint of peer {endpoint.peer_id}")
         self.cfg = cfg
@@ -199,6 +206,11 @@ class PeerNode:
         self.model_factory = model_factory
         self.x_test = x_test
         self.y_test = y_test
+        if test_inputs is None:
+            test_inputs = FeatureCache(x_test, enabled=cfg.federation.feature_cache)
+        elif test_inputs.x is not x_test:
+            raise SecureDFMLError("test_inputs must be the feature cache of x_test")
+        self.test_inputs = test_inputs
         self.averager = averager
         self.completed_rounds = 0
         self.rejected_messages = 0
@@ -438,8 +450,8 @@ class PeerNode:
             evaluate_now = last or (t + 1) % self.cfg.federation.eval_every == 0
         entry: dict[str, Any] = {"arch": p.arch}
         if evaluate_now:
-            entry["global_acc"] = evaluate(p.model, self.x_test, self.y_test)
-            entry["local_acc"] = evaluate(p.model, p.x_local_test, p.y_local_test)
+            entry["global_acc"] = evaluate(p.model, self.test_inputs, self.y_test)
+            entry["local_acc"] = evaluate(p.model, p.inputs("local_test"), p.y_local_test)
         if log.peak:
             p.peak_state = clone_state(p.model)
             p.peak_round = t
@@ -452,8 +464,8 @@ class PeerNode:
                 peak_model = copy.deepcopy(p.model)
                 peak_model.load_state_dict(p.peak_state)
                 p.peak_metrics = (
-                    evaluate(peak_model, self.x_test, self.y_test),
-                    evaluate(peak_model, p.x_local_test, p.y_local_test),
+                    evaluate(peak_model, self.test_inputs, self.y_test),
+                    evaluate(peak_model, p.inputs("local_test"), p.y_local_test),
                 )
             entry["peak_global_acc"], entry["peak_local_acc"] = p.peak_metrics
             entry["peak_round"] = p.peak_round
