@@ -243,6 +243,10 @@ def test_pipeline_cli_trains_audits_certifies_verifies(tmp_path: Path) -> None:
                             "--format", "json"])
     data = json.loads(r.stdout)
     assert r.exit_code == 0 and not data["trained"] and data["audits_run"] == []
+    # another configuration into the same folder is refused, not silently certified as the old run
+    cfg.write_text(dump_toml(config_from_dict({**TINY, "federation": {**TINY["federation"], "rounds": 3}})))
+    r = runner.invoke(app, ["pipeline", "--config", str(cfg), "--requirements", str(req), "--out", str(out)])
+    assert r.exit_code == 2 and "another configuration" in r.output
 
 
 def test_canary_audit_with_state_charges_the_lifetime_ledgers(tmp_path: Path) -> None:

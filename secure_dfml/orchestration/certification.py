@@ -38,7 +38,7 @@ from secure_dfml.certify import (
     write_auditor_key,
 )
 from secure_dfml.config import RunConfig
-from secure_dfml.errors import AuditError
+from secure_dfml.errors import AuditError, ConfigError
 from secure_dfml.orchestration.canary import canary_dir, run_canary_audit, run_state_root
 from secure_dfml.privacy import default_delta
 from secure_dfml.rundir import (
@@ -204,6 +204,9 @@ def run_pipeline(
     trained = not (run_dir / SUMMARY).is_file()
     if trained:
         run_federation(cfg, run_dir, on_round=on_round)
+    elif read_config(run_dir).to_dict() != cfg.to_dict():
+        raise ConfigError(f"{run_dir} holds a finished run of another configuration; choose another --out (a finished "
+                          "run is reused, never retrained: its budget is spent)")
     else:
         _LOG.info("reusing the finished run in %s", run_dir)
     if not (auditor / AUDITOR_KEY).is_file():
