@@ -105,6 +105,7 @@ LEDGERS = "ledgers"
 CAPTURE = "capture"
 PLOT = "accuracy.png"
 AUDIT = "audit"
+MANIFEST = "manifest.json"  # sha256 of every artifact (secure_dfml.certify.write_manifest)
 CANARY = "canary"  # audit/canary: the canary audit of the run's configuration
 CANARY_RESULTS = "canary.json"
 RUN_META = "run.json"  # only while a run is in progress

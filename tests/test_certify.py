@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -210,8 +211,9 @@ def _fake_audit(run: Path, *, auc_high: float, lower_bound: float) -> None:
         "metrics": {"auc": {"value": auc_high - 0.05, "ci_low": 0.4, "ci_high": auc_high},
                     "tpr_at_fpr": {"0.01": {"value": None, "ci_high": None, "reason": "too few"}}},
         "epsilon_lower_bound": {"epsilon_lower_bound": lower_bound}}}}
+    bind = {"run_manifest_sha256": hashlib.sha256((run / "manifest.json").read_bytes()).hexdigest()}
     (out / "results.json").write_text(json.dumps({"format": "secure-dfml-audit", "status": "audited",
-                                                  "targets": [target]}))
+                                                  "targets": [target], **bind}))
 
 
 def test_audit_limits_and_lower_bound(run: Path, key: nacl.signing.SigningKey) -> None:
@@ -458,3 +460,26 @@ def test_audit_refuses_a_run_whose_config_was_edited_to_claim_ckks(run):
     shutil.rmtree(run / "views" / "received", ignore_errors=True)
     res = runner.invoke(app, ["audit", str(run), "--threat-model", "curious-aggregator", "--attacks", "loss"])
     assert res.exit_code == 2 and "fails its cross-checks" in res.output and "config.toml" in res.output
+
+
+def test_an_audit_of_another_run_is_not_reused(run: Path, key: nacl.signing.SigningKey) -> None:
+    """An audit names the run it audited (the sha256 of its manifest): one copied in from
+    another run, or from before the artifacts changed, fails and is re-run by --run-audits."""
+    from secure_dfml.orchestration.certification import missing_audits
+
+    _fake_audit(run, auc_high=0.55, lower_bound=0.5)
+    req = _req(audits={"threat_models_required": ["final-model"]})
+    assert missing_audits(run, req) == []
+    path = run / "audit" / "final-model" / "results.json"
+    data = json.loads(path.read_text())
+    data["run_manifest_sha256"] = "0" * 64
+    path.write_text(json.dumps(data))
+    cert = certify(run, req, key, write=False)
+    (row,) = [r for r in cert["results"] if r["requirement"] == "audit final-model matches run"]
+    assert row["status"] == "FAIL" and "another run" in row["reason"] and not cert["certified"]
+    (step,) = missing_audits(run, req)
+    assert step.name == "final-model" and "another run" in step.reason
+    del data["run_manifest_sha256"]
+    path.write_text(json.dumps(data))
+    (row,) = [r for r in certify(run, req, key, write=False)["results"] if r["requirement"] == "audit final-model matches run"]
+    assert row["status"] == "FAIL" and "does not name the run" in row["reason"]

@@ -14,6 +14,7 @@ and the eavesdropper analysis (:mod:`secure_dfml.audit._eavesdropper`).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from secure_dfml.audit._threat_models import ThreatModel
 from secure_dfml.config import RunConfig
 from secure_dfml.errors import AuditError, RunDirectoryError
 from secure_dfml.models import build_model
-from secure_dfml.rundir import read_state
+from secure_dfml.rundir import MANIFEST, read_state, read_summary
 
 __all__ = [
     "RESULTS_FORMAT",
@@ -108,6 +109,10 @@ def load_model(target: ModelTarget, dataset: Any) -> torch.nn.Module:
     return model
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def results_header(run_dir: Path, cfg: RunConfig, tm: ThreatModel, fed: Federation) -> dict[str, Any]:
     """The fields every audit's results.json starts with: format, when, which run
     and threat model, and the run's federation (peers, data sizes, privacy, channel)."""
@@ -116,6 +121,9 @@ def results_header(run_dir: Path, cfg: RunConfig, tm: ThreatModel, fed: Federati
         "version": RESULTS_VERSION,
         "created": utc_now(),
         "run_dir": str(run_dir),
+        # which run, as it was when audited: certify reuses an audit only for the same artifacts
+        "run_id": (read_summary(run_dir) or {}).get("run_id"),
+        "run_manifest_sha256": _sha256(run_dir / MANIFEST) if (run_dir / MANIFEST).is_file() else None,
         "threat_model": tm.to_dict(),
         "run": {
             "federation": cfg.federation.id,

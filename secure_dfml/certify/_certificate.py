@@ -54,6 +54,7 @@ from secure_dfml.rundir import (
 
 __all__ = [
     "AUDITOR_KEY",
+    "audit_binding_problem",
     "AUDITOR_PUB",
     "CERTIFICATE",
     "CERTIFICATE_FORMAT",
@@ -189,6 +190,19 @@ def _walk(obj: Any, owner: Any = None) -> Iterator[tuple[Any, float]]:
             yield from _walk(v, owner)
 
 
+def audit_binding_problem(run_dir: Path, results: Mapping[str, Any]) -> str | None:
+    """Why an audit's results do not belong to this run as it is now (None: they do).
+    An audit names the run's id and the sha256 of its manifest when it ran."""
+    manifest = manifest_file(run_dir)
+    want = hash_file(manifest) if manifest.is_file() else None
+    got = results.get("run_manifest_sha256")
+    if got is None:
+        return "does not name the run it audited (an audit from an older version)"
+    if got != want:
+        return "was made for another run, or before this run's artifacts changed (its run manifest sha256 differs)"
+    return None
+
+
 def _read_results(run_dir: Path, tm: str) -> dict[str, Any] | None:
     path = run_dir / AUDIT / tm / "results.json"
     if not path.is_file():
@@ -215,6 +229,10 @@ def _audit_requirements(
                                                   f"(run `secure-dfml audit RUN --threat-model {tm}`)"))
     for tm in present:
         results = _read_results(run_dir, tm) or {}
+        bound = audit_binding_problem(run_dir, results)
+        if bound is not None:
+            rows.append(_req(f"audit {tm} matches run", FAIL, f"audit/{tm}/results.json {bound}; run `secure-dfml "
+                                                              f"audit RUN --threat-model {tm}` again"))
         limit = req.audits.limits.get(tm)
         worst_auc: tuple[float, str] | None = None
         worst_tpr: tuple[float, str] | None = None

@@ -33,6 +33,7 @@ from secure_dfml.rundir import (
     CAPTURE,
     CONFIG,
     LEDGERS,
+    MANIFEST,
     METRICS,
     MODELS,
     SUMMARY,
@@ -58,7 +59,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "secure-dfml-manifest"
 MANIFEST_VERSION = 1
 RESULTS = "results.json"

@@ -32,6 +32,7 @@ from secure_dfml.certify import (
     CERTIFICATE_HTML,
     Requirements,
     VerifyResult,
+    audit_binding_problem,
     certify,
     load_signing_key,
     verify,
@@ -103,8 +104,18 @@ def _canary_strength(run_dir: Path) -> float | None:
 def missing_audits(run_dir: str | Path, requirements: Requirements) -> list[AuditStep]:
     """The audits ``requirements`` need that ``run_dir`` does not hold yet."""
     run = check_run_dir(run_dir)
-    steps = [AuditStep("threat-model", tm, f"no {AUDIT}/{tm}/results.json")
-             for tm in requirements.audits.threat_models_required if not (run / AUDIT / tm / "results.json").is_file()]
+    steps: list[AuditStep] = []
+    for tm in requirements.audits.threat_models_required:
+        path = run / AUDIT / tm / "results.json"
+        if not path.is_file():
+            steps.append(AuditStep("threat-model", tm, f"no {AUDIT}/{tm}/results.json"))
+            continue
+        try:
+            problem = audit_binding_problem(run, json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            problem = "is unreadable"
+        if problem is not None:
+            steps.append(AuditStep("threat-model", tm, f"{AUDIT}/{tm}/results.json {problem}"))
     need = requirements.audits.min_strength
     if need is not None:
         have = _canary_strength(run)
