@@ -46,6 +46,10 @@ class FederationConfig:
     seed: int = 0
     algorithm: Algorithm = "dfml"
     eval_every: int = 1
+    # Peers evaluated on the global test set in an evaluation round: 0 = all; N = a
+    # public sample of N peers drawn from (federation id, seed, round). The last round
+    # always evaluates every peer.
+    eval_peers: int = 0
     # Fixed features (the scattering front end of scatter-* models) computed once per
     # sample and reused for training and evaluation; false recomputes them in every
     # forward pass (same results up to float rounding, same privacy accounting).
@@ -74,6 +78,12 @@ class FederationConfig:
         )
         _require(self.seed >= 0, f"{path}.seed", self.seed, "an integer >= 0")
         _require(self.eval_every >= 1, f"{path}.eval_every", self.eval_every, "an integer >= 1 (rounds)")
+        _require(
+            0 <= self.eval_peers <= self.peers,
+            f"{path}.eval_peers",
+            self.eval_peers,
+            f"an integer between 0 (every peer) and peers ({self.peers})",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

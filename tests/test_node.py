@@ -168,3 +168,24 @@ def test_peers_of_one_architecture_start_from_one_public_initialisation():
     other = plan_federation(config_with(BASE, models={"mix": ["mlp", "cnn-tiny"]},
                                         federation={"peers": 4, "participants": 4, "seed": f.seed + 1}))
     assert not same(other.peer_state(0).model, states[0].model)
+
+
+def test_evaluation_on_a_public_sample_of_peers(tmp_path):
+    """federation.eval_peers: only a public, seed-derived sample is evaluated per round (stated in the
+    record as `evaluated`); the last round evaluates every peer."""
+    from secure_dfml import run_federation
+    from secure_dfml.protocol.selection import evaluation_sample
+    from secure_dfml.rundir import read_metrics
+
+    cfg = cfg_with(federation={"eval_peers": 2})
+    run_federation(cfg, tmp_path / "run", plot=False)
+    records = read_metrics(tmp_path / "run")
+    f = cfg.federation
+    for r in records[:-1]:
+        want = evaluation_sample(federation_id=f.id, seed=f.seed, round_index=r["round"], num_peers=f.peers, size=2)
+        assert r["evaluated"] == 2 and {int(p) for p, e in r["peers"].items() if "global_acc" in e} == want
+    assert records[-1]["evaluated"] == f.peers
+    assert len({frozenset(evaluation_sample(federation_id=f.id, seed=f.seed, round_index=t, num_peers=6, size=2))
+                for t in range(20)}) > 1  # the sample changes from round to round
+    with pytest.raises(Exception, match="eval_peers"):
+        cfg_with(federation={"eval_peers": 7})

@@ -50,7 +50,7 @@ from secure_dfml.errors import SecureDFMLError
 from secure_dfml.models import FeatureCache
 from secure_dfml.protocol._interfaces import Channel, PeerState, PhaseReport, Trainer
 from secure_dfml.protocol.schedule import alpha_at, is_peak
-from secure_dfml.protocol.selection import Group
+from secure_dfml.protocol.selection import Group, evaluation_sample
 from secure_dfml.transport import Endpoint, Message
 
 logger = logging.getLogger(__name__)
@@ -441,13 +441,21 @@ class PeerNode:
         """This node's role programs in round ``t`` (none when it is idle)."""
         return list(self.strategy.programs(self, t))
 
+    def evaluated_in(self, t: int) -> bool:
+        """Whether this node is in round ``t``'s public evaluation sample (``federation.eval_peers``)."""
+        f = self.cfg.federation
+        if f.eval_peers == 0 or self.peer_id >= f.peers:  # everyone; the fedavg-central server always
+            return True
+        return self.peer_id in evaluation_sample(federation_id=f.id, seed=f.seed, round_index=t, num_peers=f.peers,
+                                                 size=f.eval_peers)
+
     def end_round(self, t: int, *, evaluate_now: bool | None = None) -> dict[str, Any]:
         """Peak snapshot, evaluation; returns this node's round report."""
         log = self.log
         p = self.state
         last = t == self.cfg.federation.rounds - 1
         if evaluate_now is None:
-            evaluate_now = last or (t + 1) % self.cfg.federation.eval_every == 0
+            evaluate_now = last or ((t + 1) % self.cfg.federation.eval_every == 0 and self.evaluated_in(t))
         entry: dict[str, Any] = {"arch": p.arch}
         if evaluate_now:
             entry["global_acc"] = evaluate(p.model, self.test_inputs, self.y_test)
@@ -649,8 +657,9 @@ def merge_round(
         "compute_seconds": sum(r["compute_seconds"] for r in reports),
         "crypto_seconds": sum(r["crypto_seconds"] for r in reports),
         "codec_seconds": sum(r["codec_seconds"] for r in reports),
-        "mean_global_acc": mean("global_acc"),
+        "mean_global_acc": mean("global_acc"),  # over the peers evaluated this round
         "mean_local_acc": mean("local_acc"),
+        "evaluated": sum(1 for e in peers.values() if "global_acc" in e),
         "mean_peak_global_acc": mean("peak_global_acc"),
         "mean_peak_local_acc": mean("peak_local_acc"),
         "server_global_acc": server_acc,

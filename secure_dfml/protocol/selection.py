@@ -48,3 +48,13 @@ def select_key_holder(
         return None
     rng = round_generator(federation_id, seed, round_index, purpose="key-holder")
     return int(candidates[int(rng.integers(len(candidates)))])
+
+
+def evaluation_sample(*, federation_id: str, seed: int, round_index: int, num_peers: int, size: int) -> frozenset[int]:
+    """The peers evaluated on the global test set in round ``round_index`` when only a
+    sample is (``size`` of them; every peer when ``size`` is 0 or covers them all),
+    from public values alone, so every peer knows whether it is in it."""
+    if size <= 0 or size >= num_peers:
+        return frozenset(range(num_peers))
+    rng = round_generator(federation_id, seed, round_index, purpose="evaluation")
+    return frozenset(int(p) for p in rng.choice(num_peers, size=size, replace=False))
