@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -13,8 +15,15 @@ from secure_dfml import interrupted_config, run_federation
 from secure_dfml.certify import write_manifest
 from secure_dfml.cli._common import OutputFormat, console, friendly_errors, print_json, read_passphrase, setup_logging
 from secure_dfml.config import ALGORITHMS, RunConfig, config_from_dict, default_config, load_config
+from secure_dfml.errors import ConfigError
+from secure_dfml.orchestration.ray_backend import run_federation_ray
 from secure_dfml.report import pct
 from secure_dfml.rundir import write_summary
+
+
+class Backend(str, enum.Enum):
+    inprocess = "inprocess"
+    ray = "ray"
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -71,11 +80,14 @@ def print_summary(summary: dict[str, Any]) -> None:
     console.print(f"run directory: [bold]{escape(str(summary['run_dir']))}[/]")
 
 
-def add_non_private_baseline(cfg: RunConfig, summary: dict[str, Any], on_round: Any) -> dict[str, Any]:
+def add_non_private_baseline(
+    cfg: RunConfig, summary: dict[str, Any], on_round: Any, runner: Callable[..., dict[str, Any]] = run_federation
+) -> dict[str, Any]:
     """Train the same federation (same seed, split and models) without DP inside the
-    run directory and record the accuracy cost of privacy in summary.json."""
+    run directory (with ``runner``: the same backend as the run) and record the
+    accuracy cost of privacy in summary.json."""
     run_dir = Path(summary["run_dir"])
-    twin = run_federation(
+    twin = runner(
         cfg.replace(privacy={"enabled": False}), run_dir / "non-private-twin", overwrite=True, on_round=on_round
     )
     summary = dict(summary)
@@ -117,12 +129,50 @@ def run(
         Optional[Path],
         typer.Option("--passphrase-file", help="File with the passphrase of sealed keys (crypto.keys_dir)."),
     ] = None,
+    backend: Annotated[
+        Backend,
+        typer.Option(
+            "--backend",
+            help="inprocess: simulate every peer in this process; ray: every peer a Ray actor, exchanging "
+            "envelopes only (a local Ray started and stopped by the run, or --address).",
+        ),
+    ] = Backend.inprocess,
+    address: Annotated[
+        Optional[str],
+        typer.Option("--address", help="With --backend ray: join this Ray cluster (HOST:PORT, ray://HOST:PORT or auto)."),
+    ] = None,
+    ray_cpus_per_peer: Annotated[
+        Optional[float],
+        typer.Option(
+            "--ray-cpus-per-peer",
+            help="With --backend ray: CPUs Ray reserves per peer, fractions allowed "
+            "(default: 1 on a cluster; locally the CPUs shared out, at most 1).",
+        ),
+    ] = None,
+    ray_peers_per_actor: Annotated[
+        int,
+        typer.Option(
+            "--ray-peers-per-actor",
+            help="With --backend ray: peers per actor process (each still its own node, key and data; saves memory).",
+        ),
+    ] = 1,
     format: Annotated[OutputFormat, typer.Option("--format", help="table or json (the summary).")] = OutputFormat.table,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log protocol events.")] = False,
 ) -> None:
     """Train a federation (DFML or a baseline) and write a run directory.
     Sealed keys: --passphrase-file FILE or $SECURE_DFML_KEY_PASSPHRASE."""
     setup_logging(verbose)
+    if backend is Backend.ray:
+        if resume is not None:
+            raise ConfigError("--resume continues an in-process run; a --backend ray run cannot be resumed yet, start it again")
+        if ray_peers_per_actor < 1:
+            raise ConfigError(f"--ray-peers-per-actor must be at least 1, got {ray_peers_per_actor}")
+    else:
+        given = [name for name, value in (("--address", address), ("--ray-cpus-per-peer", ray_cpus_per_peer)) if value is not None]
+        if ray_peers_per_actor != 1:
+            given.append("--ray-peers-per-actor")
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply with --backend ray")
     if resume is not None:
         cfg = load_config(interrupted_config(resume))
         out = resume
@@ -164,16 +214,30 @@ def run(
                 progress.update(task[0], completed=record["round"])
             progress.update(task[0], advance=1, status=status)
 
-        summary = run_federation(
-            cfg, out, overwrite=overwrite, on_round=on_round, resume=resume is not None, state_root=state,
-            passphrase=read_passphrase(passphrase_file),
-        )
+        if backend is Backend.ray:
+
+            def ray_runner(cfg: RunConfig, out: Path | None, **kwargs: Any) -> dict[str, Any]:
+                return run_federation_ray(
+                    cfg, out, address=address, num_cpus_per_peer=ray_cpus_per_peer,
+                    peers_per_actor=ray_peers_per_actor, log_to_driver=verbose, **kwargs,
+                )
+
+            runner: Callable[..., dict[str, Any]] = ray_runner
+            # without --passphrase-file each actor reads $SECURE_DFML_KEY_PASSPHRASE on its own node
+            summary = runner(cfg, out, overwrite=overwrite, on_round=on_round, state_root=state,
+                             passphrase=read_passphrase(passphrase_file) if passphrase_file is not None else None)
+        else:
+            runner = run_federation
+            summary = run_federation(
+                cfg, out, overwrite=overwrite, on_round=on_round, resume=resume is not None, state_root=state,
+                passphrase=read_passphrase(passphrase_file),
+            )
         if compare_non_private is None:
             compare_non_private = config is None and resume is None
         if compare_non_private and cfg.privacy.enabled:
             if task:
                 progress.update(task[0], completed=0, status="non-private twin (same seed) for the cost of privacy")
-            summary = add_non_private_baseline(cfg, summary, on_round)
+            summary = add_non_private_baseline(cfg, summary, on_round, runner)
     if format is OutputFormat.json:
         print_json(summary)
     else:
