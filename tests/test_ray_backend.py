@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from secure_dfml import run_federation
 from secure_dfml.cli.main import app
 from secure_dfml.config import dump_toml
-from secure_dfml.errors import TransportError
+from secure_dfml._fsutil import exclusive
+from secure_dfml.errors import RunDirectoryError, TransportError
 from secure_dfml.orchestration.ray_backend import run_federation_ray
 from secure_dfml.privacy import PrivacyLedger
 from secure_dfml.transport import Endpoint, Mailbox, Message, RayEndpoint, read_capture
@@ -232,6 +233,11 @@ def test_ray_actors_give_the_simulations_metrics_and_a_run_directory_of_the_same
     assert key == [(c.round_index, c.sender, c.recipient, c.kind) for c in simulated]
     assert [len(c.data()) for c in captured] == [len(c.data()) for c in simulated]  # the same envelopes' sizes
     assert not list(run.rglob("*.key")) and not (tmp_path / "ray.partial").exists()
+    # one writer per lifetime ledger: a peer whose state directory is in use refuses to start, and says why
+    with exclusive(tmp_path / "state" / "peer_001" / "lock", "a peer process"):
+        with pytest.raises(RunDirectoryError, match="peer_001 of peer 1 is in use"):
+            run_federation_ray(cfg, tmp_path / "again", state_root=tmp_path / "state", num_cpus_per_peer=0.25)
+    assert not (tmp_path / "again.partial").exists() and not (tmp_path / "again").exists()
 
 
 @pytest.mark.slow

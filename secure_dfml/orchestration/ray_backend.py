@@ -142,6 +142,26 @@ class PeerHost:
         threads: int = 1,
         max_in_flight: int = 1000,
     ) -> None:
+        self._held = contextlib.ExitStack()
+        self._work: Path | None = None
+        self._endpoints: dict[int, RayEndpoint] = {}
+        self._nodes: dict[int, PeerNode] = {}
+        self._descriptions: dict[int, str] = {}
+        self._identities: dict[int, PeerIdentity] = {}
+        # an error here is kept and raised by the first call: Ray reports a method's
+        # exception as itself (a config error stays one), a constructor's only as text
+        self._init_error: SecureDFMLError | None = None
+        try:
+            self._setup(cfg, peer_ids, run_id=run_id, state_root=state_root, passphrase=passphrase,
+                        threads=threads, max_in_flight=max_in_flight)
+        except SecureDFMLError as exc:
+            self.close()
+            self._init_error = exc
+
+    def _setup(
+        self, cfg: Mapping[str, Any], peer_ids: Sequence[int], *, run_id: str, state_root: str | None,
+        passphrase: str | None, threads: int, max_in_flight: int,
+    ) -> None:
         torch.set_num_threads(max(1, int(threads)))
         self.cfg: RunConfig = config_from_dict(cfg)
         plan = plan_federation(self.cfg)
@@ -154,33 +174,29 @@ class PeerHost:
         self._run_id = run_id
         self._passphrase = passphrase if passphrase is not None else os.environ.get(PASSPHRASE_ENV)
         self._max_in_flight = max_in_flight
-        self._held = contextlib.ExitStack()
         self._work = Path(tempfile.mkdtemp(prefix="secure-dfml-ray-peers-"))
         self._ledger_dirs: dict[int, Path] = {}
-        try:
-            for pid in self.peer_ids:
-                if state_root is not None:  # the peer's lifetime state, one writer at a time
-                    self._held.enter_context(exclusive(peer_state_lock(state_root, pid),
-                                                       f"state directory {peer_state_dir(state_root, pid)} of peer {pid}"))
-                    self._ledger_dirs[pid] = peer_state_dir(state_root, pid)
-                else:
-                    self._ledger_dirs[pid] = self._work / f"peer_{pid:03d}" / "ledger"
-        except BaseException:
-            self.close()
-            raise
+        for pid in self.peer_ids:
+            if state_root is not None:  # the peer's lifetime state, one writer at a time
+                self._held.enter_context(exclusive(peer_state_lock(state_root, pid),
+                                                   f"state directory {peer_state_dir(state_root, pid)} of peer {pid}"))
+                self._ledger_dirs[pid] = peer_state_dir(state_root, pid)
+            else:
+                self._ledger_dirs[pid] = self._work / f"peer_{pid:03d}" / "ledger"
         crypto = self.cfg.crypto
         self._ephemeral = crypto.channel == "nacl" and not crypto.keys_dir
         # private keys generated here never leave this actor: only their public halves are published
         self._identities = {pid: PeerIdentity.generate(pid) for pid in self.peer_ids} if self._ephemeral else {}
-        self._endpoints: dict[int, RayEndpoint] = {}
-        self._nodes: dict[int, PeerNode] = {}
-        self._descriptions: dict[int, str] = {}
 
     def _peer_dir(self, pid: int) -> Path:
+        assert self._work is not None
         return self._work / f"peer_{pid:03d}"
 
     def public_keys(self) -> dict[int, dict[str, str]]:
-        """This actor's peers' public keys (empty unless keys are generated here)."""
+        """This actor's peers' public keys (empty unless keys are generated here);
+        the first call, so it raises what went wrong when the actor started."""
+        if self._init_error is not None:
+            raise self._init_error
         return {pid: ident.public().to_json() for pid, ident in self._identities.items()}
 
     def _channel(self, pid: int, directory_json: str | None) -> tuple[Any, str]:
@@ -203,6 +219,8 @@ class PeerHost:
 
     def connect(self, handles: Mapping[int, Any], directory_json: str | None = None) -> list[int]:
         """Build this actor's nodes, each with an endpoint to the actors hosting the others."""
+        if self._init_error is not None:
+            raise self._init_error
         n = len(self._plan.directory.archs)
         if sorted(handles) != list(range(n)):
             raise ConfigError(f"connect() needs the actor of every peer 0..{n - 1}, got {sorted(handles)}")
@@ -302,7 +320,8 @@ class PeerHost:
         for endpoint in self._endpoints.values():
             endpoint.close()
         self._held.close()
-        shutil.rmtree(self._work, ignore_errors=True)
+        if self._work is not None:
+            shutil.rmtree(self._work, ignore_errors=True)
 
 
 PeerActor = ray.remote(PeerHost)
@@ -351,8 +370,8 @@ def _cpus_per_peer(requested: float | None, endpoints: int, how: str) -> float:
         )
         if how == "local":
             raise ConfigError(
-                f"{msg}: Ray would queue the peers that do not fit and the round could never start; lower "
-                f"--ray-cpus-per-peer (a fraction such as {max(0.01, math.floor(100 * total / endpoints) / 100):g} is fine)"
+                f"{msg}: Ray would queue the peers that do not fit and the round could never start; give "
+                f"--ray-cpus-per-peer at most {math.floor(1e4 * total / endpoints) / 1e4:g} (fractions are fine)"
             )
         logger.warning("%s; peers wait for resources (an autoscaling cluster may add nodes)", msg)
     return per
