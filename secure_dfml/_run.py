@@ -74,7 +74,7 @@ class Federation:
     strategy: Strategy
     hub: InMemoryTransport
     labels: dict[str, Any]
-    dataset: ArrayDataset
+    dataset: ArrayDataset | None  # None when built without keeping the training records (a run)
     split: FederatedSplit
 
     @property
@@ -399,11 +399,16 @@ def build_federation(
     state_root: str | Path | None = None,
     capture_dir: Path | None = None,
     passphrase: str | None = None,
+    keep_training_records: bool = True,
 ) -> Federation:
     """Load data, partition it, and build one node per peer over an in-memory
     transport.  Raises a clear error for any inconsistency before a single
     step of training.  Ledgers go to ``ledger_dir`` (``peer_<id>.json``), or with
-    ``state_root`` to each peer's lifetime ledger ``state_root/peer_XXX/peer_<id>.json``."""
+    ``state_root`` to each peer's lifetime ledger ``state_root/peer_XXX/peer_<id>.json``.
+    Nodes never hold the federation's training records, only their own shard;
+    ``keep_training_records=False`` also drops them from the returned
+    :class:`Federation` (a run needs only the shards: an idle peer then costs
+    its model and its data, not a second copy of it)."""
     plan = plan_federation(cfg)
     assert plan.dataset is not None and plan.split is not None
     dataset, split = plan.dataset, plan.split
@@ -415,9 +420,10 @@ def build_federation(
     if peer_data_hook is not None:  # the hook may change a peer's size: declare what it trains on
         sizes = tuple(s.num_train for s in states)
         plan = dataclasses.replace(plan, directory=dataclasses.replace(plan.directory, num_train=sizes))
+    node_plan = plan.own_shard_only()  # the nodes hold their shards, never the federation's records
     nodes = tuple(
         build_node(
-            plan,
+            node_plan,
             state,
             channel=channel.for_peer(state.peer_id),
             endpoint=hub.endpoint(state.peer_id),
@@ -439,7 +445,7 @@ def build_federation(
     )
     return Federation(
         cfg=cfg, nodes=nodes, directory=plan.directory, strategy=plan.strategy, hub=hub,
-        labels=labels, dataset=dataset, split=split,
+        labels=labels, dataset=dataset if keep_training_records else None, split=split,
     )
 
 
@@ -637,7 +643,7 @@ def run_federation(
         try:
             fed = build_federation(
                 cfg, ledger_dir=ledgers_dir(partial), run_id=run_id, state_root=state_root,
-                capture_dir=capture_dir(partial), passphrase=passphrase,
+                capture_dir=capture_dir(partial), passphrase=passphrase, keep_training_records=False,
             )
         except BaseException:
             if not resume and not _spent_anything(ledgers_dir(partial)):
