@@ -214,6 +214,8 @@ class PeerNode:
         self.averager = averager
         self.completed_rounds = 0
         self.rejected_messages = 0
+        self._active = False  # whether a role program ran in this round
+        self._diverged = False
         # What this node saw as a curious peer: the latest model of each sender it
         # received as aggregator ("received", sender) and its own returned model
         # ("returned", self) -> (round, state).
@@ -434,12 +436,15 @@ class PeerNode:
 
     def begin_round(self, t: int) -> None:
         self._log = RoundLog(t, alpha_at(t, self.cfg.dfml), is_peak(t, self.cfg.dfml))
+        self._active = False
         self.endpoint.drop_before(t)
         self._bytes_before = self.endpoint.bytes_sent
 
     def programs(self, t: int) -> list[Program]:
         """This node's role programs in round ``t`` (none when it is idle)."""
-        return list(self.strategy.programs(self, t))
+        programs = list(self.strategy.programs(self, t))
+        self._active = self._active or bool(programs)  # only a role program changes the model
+        return programs
 
     def evaluated_in(self, t: int) -> bool:
         """Whether this node is in round ``t``'s public evaluation sample (``federation.eval_peers``)."""
@@ -477,9 +482,13 @@ class PeerNode:
                 )
             entry["peak_global_acc"], entry["peak_local_acc"] = p.peak_metrics
             entry["peak_round"] = p.peak_round
-        if not all(bool(torch.isfinite(v).all()) for v in p.model.state_dict().values() if v.is_floating_point()):
+        if self._active:  # an idle node's model is as it was: checked when it last changed
+            self._diverged = not all(bool(torch.isfinite(v).all()) for v in p.model.state_dict().values()
+                                     if v.is_floating_point())
+            if self._diverged:
+                logger.warning("round %d: peer %d's model has non-finite weights (training diverged)", t, self.peer_id)
+        if self._diverged:
             entry["diverged"] = True
-            logger.warning("round %d: peer %d's model has non-finite weights (training diverged)", t, self.peer_id)
         entry.update(self.trainer.peer_status(self.peer_id))
         self.completed_rounds = t + 1
         return {

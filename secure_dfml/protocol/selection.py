@@ -3,6 +3,7 @@ groups and aggregators from hash(federation id, seed, round)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -26,6 +27,9 @@ def round_generator(federation_id: str, seed: int, round_index: int, purpose: st
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
 
+# Selections are pure functions of public values: computed once per process and
+# round, however many simulated nodes ask (each real peer computes its own).
+@functools.lru_cache(maxsize=4096)
 def select_groups(
     *, federation_id: str, seed: int, round_index: int, num_peers: int, participants: int, groups: int
 ) -> tuple[Group, ...]:
@@ -50,6 +54,7 @@ def select_key_holder(
     return int(candidates[int(rng.integers(len(candidates)))])
 
 
+@functools.lru_cache(maxsize=4096)
 def evaluation_sample(*, federation_id: str, seed: int, round_index: int, num_peers: int, size: int) -> frozenset[int]:
     """The peers evaluated on the global test set in round ``round_index`` when only a
     sample is (``size`` of them; every peer when ``size`` is 0 or covers them all),
