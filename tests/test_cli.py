@@ -109,6 +109,7 @@ def test_a_non_private_run_says_so_before_it_starts(tmp_path):
     result = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(tmp_path / "run"), "--rounds", "1"])
     assert result.exit_code == 0, result.output
     assert result.output.index("NON-PRIVATE run") < result.output.index("round 1/1")
+    assert "participants" in result.output  # progress: rounds, participants, time per round
 
 
 def test_run_reads_sealed_keys_with_a_passphrase_file(tmp_path):

@@ -202,7 +202,15 @@ def run(
         task: list[Any] = []  # created with the first finished round: nothing is shown before a config error
 
         def on_round(record: dict[str, Any]) -> None:
-            status = f"global {pct(record['mean_global_acc'])}% local {pct(record['mean_local_acc'])}%"
+            taking_part = sum(1 + len(g.get("senders", [])) for g in record.get("groups", []))
+            evaluated = record.get("evaluated", len(record["peers"]))
+            if evaluated:
+                status = f"global {pct(record['mean_global_acc'])}% local {pct(record['mean_local_acc'])}%"
+                if evaluated < len(record["peers"]):
+                    status += f" ({evaluated} peers evaluated)"
+            else:
+                status = "not evaluated this round"
+            status = f"{taking_part} participants, {status}"
             eps = [p["epsilon_spent"] for p in record["peers"].values() if "epsilon_spent" in p]
             if eps:
                 status += f" | eps spent max {max(eps):.2f}"
