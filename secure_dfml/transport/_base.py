@@ -26,8 +26,9 @@ class Endpoint(Protocol):
     ``peer_id`` and receives only what is addressed to ``peer_id``.
 
     Implementations: :class:`~secure_dfml.transport.InMemoryEndpoint`
-    (simulation, threads) and :class:`~secure_dfml.transport.ZmqEndpoint`
-    (processes over TCP).  Every wait is bounded by ``timeout``; messages of a
+    (simulation, threads), :class:`~secure_dfml.transport.ZmqEndpoint`
+    (processes over TCP) and :class:`~secure_dfml.transport.RayEndpoint`
+    (Ray actors).  Every wait is bounded by ``timeout``; messages of a
     later round are kept for later calls, those of rounds before the floor set
     by :meth:`drop_before` are dropped."""
 
