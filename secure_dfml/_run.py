@@ -586,6 +586,12 @@ def _archive_ledgers(ledgers: Path, archive_root: Path, why: str) -> None:
     logger.warning("the privacy ledgers of the %s run are kept in %s", why, dest)
 
 
+def archive_replaced_ledgers(run_dir: Path) -> None:
+    """Before a run replaces ``run_dir`` (``--overwrite``): keep its ledgers in
+    ``<run_dir>.ledger-archive/`` (spent budget is never deleted)."""
+    _archive_ledgers(ledgers_dir(run_dir), run_dir.with_name(run_dir.name + ".ledger-archive"), "overwritten")
+
+
 def interrupted_config(run_dir: str | Path) -> Path:
     """The config an interrupted run (or launch) into ``run_dir`` started with."""
     path = config_file(partial_dir(run_dir))
@@ -677,7 +683,7 @@ def run_federation(
         shutil.rmtree(partial / CHECKPOINTS, ignore_errors=True)
         (partial / RUN_META).unlink()
         if run_dir.exists() and state_root is None:
-            _archive_ledgers(ledgers_dir(run_dir), run_dir.with_name(run_dir.name + ".ledger-archive"), "overwritten")
+            archive_replaced_ledgers(run_dir)
         write_manifest(partial)
         swap_into_place(partial, run_dir)
     return summary

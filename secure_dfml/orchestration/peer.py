@@ -93,7 +93,7 @@ def peer_addresses(cfg: RunConfig, plan: FederationPlan) -> list[str]:
     return addrs
 
 
-def _peer_channel(cfg: RunConfig, peer_id: int, keys_dir: Path | None, passphrase: str | None) -> tuple[Any, str]:
+def peer_channel(cfg: RunConfig, peer_id: int, keys_dir: Path | None, passphrase: str | None) -> tuple[Any, str]:
     crypto = cfg.crypto
     if crypto.channel == "none":
         if not crypto.allow_insecure:
@@ -160,7 +160,7 @@ def run_peer(
         addresses = peer_addresses(cfg, plan)
         state = plan.peer_state(peer_id)
         plan = plan.own_shard_only()
-        channel, channel_description = _peer_channel(cfg, peer_id, None if keys_dir is None else Path(keys_dir), passphrase)
+        channel, channel_description = peer_channel(cfg, peer_id, None if keys_dir is None else Path(keys_dir), passphrase)
         rid, resume = _start_run(state_dir, cfg, run_id, fresh)
         endpoint = ZmqEndpoint(
             peer_id=peer_id,
@@ -229,4 +229,4 @@ def read_views(state_dir: Path) -> dict[tuple[str, int], tuple[int, dict[str, An
     return out
 
 
-__all__ = ["PAUSE", "PeerPaused", "config_fingerprint", "peer_addresses", "read_views", "run_peer"]
+__all__ = ["PAUSE", "PeerPaused", "config_fingerprint", "peer_addresses", "peer_channel", "read_views", "run_peer"]

@@ -53,7 +53,7 @@ from secure_dfml._fsutil import exclusive, swap_into_place
 from secure_dfml._run import (
     LIFETIME_LEDGERS,
     RESEARCH_LEDGERS,
-    _archive_ledgers,
+    archive_replaced_ledgers,
     build_node,
     default_run_dir,
     federation_labels_from_config,
@@ -67,7 +67,7 @@ from secure_dfml.certify import write_manifest
 from secure_dfml.config import RunConfig, config_from_dict
 from secure_dfml.crypto import PASSPHRASE_ENV, KeyRing, NaClChannel, PeerDirectory, PeerIdentity, PeerPublicKeys
 from secure_dfml.errors import ConfigError, SecureDFMLError, TransportError
-from secure_dfml.orchestration.peer import _peer_channel, read_views
+from secure_dfml.orchestration.peer import peer_channel, read_views
 from secure_dfml.privacy import atomic_write_bytes, ledger_path
 from secure_dfml.protocol.node import PeerNode
 from secure_dfml.report.plots import plot_accuracy
@@ -202,7 +202,7 @@ class PeerHost:
     def _channel(self, pid: int, directory_json: str | None) -> tuple[Any, str]:
         if not self._ephemeral:
             keys = Path(self.cfg.crypto.keys_dir) if self.cfg.crypto.keys_dir else None
-            return _peer_channel(self.cfg, pid, keys, self._passphrase)
+            return peer_channel(self.cfg, pid, keys, self._passphrase)
         if directory_json is None:
             raise ConfigError("the Ray peers generate their own keys: connect() needs the public directory")
         directory = PeerDirectory.from_json(directory_json, source="public directory relayed by the Ray driver")
@@ -570,7 +570,7 @@ def run_federation_ray(
             plot_accuracy(records, plot_file(partial), title=f"{cfg.federation.algorithm} on {summary['dataset']} (Ray)")
         (partial / RAY_META).unlink()
         if run_dir.exists() and root is None:
-            _archive_ledgers(ledgers_dir(run_dir), run_dir.with_name(run_dir.name + ".ledger-archive"), "overwritten")
+            archive_replaced_ledgers(run_dir)
         write_manifest(partial)
         swap_into_place(partial, run_dir)
     return summary
