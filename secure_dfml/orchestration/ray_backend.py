@@ -199,15 +199,21 @@ class PeerHost:
             raise self._init_error
         return {pid: ident.public().to_json() for pid, ident in self._identities.items()}
 
-    def _channel(self, pid: int, directory_json: str | None) -> tuple[Any, str]:
+    def _directory(self, directory_json: str | None) -> PeerDirectory | None:
+        """The relayed public directory, parsed once for all of this actor's peers (it is public)."""
         if not self._ephemeral:
-            keys = Path(self.cfg.crypto.keys_dir) if self.cfg.crypto.keys_dir else None
-            return peer_channel(self.cfg, pid, keys, self._passphrase)
+            return None
         if directory_json is None:
             raise ConfigError("the Ray peers generate their own keys: connect() needs the public directory")
         directory = PeerDirectory.from_json(directory_json, source="public directory relayed by the Ray driver")
         if directory.federation_id != self.cfg.federation.id:
             raise ConfigError(f"the public directory is of federation {directory.federation_id!r}")
+        return directory
+
+    def _channel(self, pid: int, directory: PeerDirectory | None) -> tuple[Any, str]:
+        if directory is None:
+            keys = Path(self.cfg.crypto.keys_dir) if self.cfg.crypto.keys_dir else None
+            return peer_channel(self.cfg, pid, keys, self._passphrase)
         crypto = self.cfg.crypto
         keyring = KeyRing(directory=directory, identities={pid: self._identities[pid]})
         channel = NaClChannel(keyring=keyring, max_message_bytes=crypto.max_message_bytes, pad_messages=crypto.pad_messages)
@@ -224,8 +230,9 @@ class PeerHost:
         n = len(self._plan.directory.archs)
         if sorted(handles) != list(range(n)):
             raise ConfigError(f"connect() needs the actor of every peer 0..{n - 1}, got {sorted(handles)}")
+        directory = self._directory(directory_json)
         for pid in self.peer_ids:
-            channel, self._descriptions[pid] = self._channel(pid, directory_json)
+            channel, self._descriptions[pid] = self._channel(pid, directory)
             endpoint = RayEndpoint(
                 peer_id=pid,
                 peers={j: handles[j] for j in range(n) if j != pid},
