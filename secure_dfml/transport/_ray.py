@@ -39,6 +39,7 @@ from typing import Any
 
 from secure_dfml.errors import TransportError
 from secure_dfml.transport._base import Message
+from secure_dfml.transport._buffer import Admit, RoundBuffer
 from secure_dfml.transport._zmq import _check_kind, _is_uint, decode_header, encode_header
 
 logger = logging.getLogger(__name__)
@@ -84,14 +85,9 @@ class Mailbox:
         self.peer_id = peer_id
         self._senders = frozenset(senders)
         self._max_message = max_message_bytes
-        self._max_buf_bytes = max_buffered_bytes
-        self._max_buf_msgs = max_buffered_messages
         self._tap = tap
         self._cond = threading.Condition()
-        self._buffer: dict[tuple[int, str], list[Message]] = {}
-        self._buf_msgs = 0
-        self._buf_bytes = 0
-        self._floor = 0
+        self._buffer = RoundBuffer(max_messages=max_buffered_messages, max_bytes=max_buffered_bytes)
         self._rejected = 0
         self._stale = 0
         self._last_warn = -math.inf
@@ -109,7 +105,7 @@ class Mailbox:
     def buffered(self) -> tuple[int, int]:
         """(messages, data bytes) held now."""
         with self._cond:
-            return self._buf_msgs, self._buf_bytes
+            return self._buffer.messages, self._buffer.bytes
 
     def _reject(self, reason: str) -> bool:
         self._rejected += 1
@@ -140,71 +136,51 @@ class Mailbox:
                 return self._reject(f"unknown sender {sender}")
             if len(data) > self._max_message:
                 return self._reject(f"{len(data)} data bytes over max_message_bytes")
-            if round_index < self._floor:
+            msg = Message(sender=sender, recipient=recipient, round_index=round_index, kind=kind, data=data)
+            admitted = self._buffer.admit(msg)
+            if admitted is Admit.STALE:
                 self._stale += 1
                 logger.debug("peer %d dropped stale %s of round %d from %d", self.peer_id, kind, round_index, sender)
                 return False
-            if self._buf_msgs >= self._max_buf_msgs or self._buf_bytes + len(data) > self._max_buf_bytes:
+            if admitted is Admit.FULL:
                 return self._reject("receive buffer full")
-            msg = Message(sender=sender, recipient=recipient, round_index=round_index, kind=kind, data=data)
-            self._buffer.setdefault((round_index, kind), []).append(msg)
-            self._buf_msgs += 1
-            self._buf_bytes += len(data)
             self._cond.notify_all()
         if self._tap is not None:
             self._tap("received", msg)
         return True
 
-    def _held(self, key: tuple[int, str]) -> set[int]:
-        return {m.sender for m in self._buffer.get(key, ())}
-
     def ready(self, *, round_index: int, kind: str, senders: Collection[int]) -> bool:
         """True when a message from every one of ``senders`` is waiting (no wait, no change)."""
         with self._cond:
-            return set(senders) <= self._held((round_index, kind))
+            return set(senders) <= self._buffer.senders(round_index, kind)
 
     def take(self, *, round_index: int, kind: str, senders: Collection[int], timeout: float) -> list[Message]:
         """Messages of this round and kind from ``senders``, waiting at most
         ``timeout`` seconds (returning as soon as each sender's is there)."""
         _check_kind(kind)
         wanted = set(senders)
-        key = (round_index, kind)
         deadline = time.monotonic() + max(0.0, timeout)
         with self._cond:
             if self._closed:
                 raise TransportError("endpoint is closed")
-            if round_index < self._floor:
-                logger.debug("peer %d: round %d is below the floor %d", self.peer_id, round_index, self._floor)
+            if round_index < self._buffer.floor:
+                logger.debug("peer %d: round %d is below the floor %d", self.peer_id, round_index, self._buffer.floor)
                 return []
-            while not wanted <= self._held(key):
+            while not wanted <= self._buffer.senders(round_index, kind):
                 left = deadline - time.monotonic()
                 if left <= 0 or self._closed:
                     break
                 self._cond.wait(left)
-            bucket = self._buffer.get(key, [])
-            got = [m for m in bucket if m.sender in wanted]
-            keep = [m for m in bucket if m.sender not in wanted]
-            if keep:
-                self._buffer[key] = keep
-            else:
-                self._buffer.pop(key, None)
-            self._buf_msgs -= len(got)
-            self._buf_bytes -= sum(len(m.data) for m in got)
-            return got
+            return self._buffer.take(round_index, kind, wanted)
 
     def drop_before(self, round_index: int) -> None:
         with self._cond:
-            self._floor = max(self._floor, round_index)
-            for key in [k for k in self._buffer if k[0] < self._floor]:
-                gone = self._buffer.pop(key)
-                self._buf_msgs -= len(gone)
-                self._buf_bytes -= sum(len(m.data) for m in gone)
+            self._buffer.drop_before(round_index)
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._buffer.clear()
-            self._buf_msgs = self._buf_bytes = 0
             self._cond.notify_all()
 
 

@@ -39,6 +39,7 @@ import zmq
 
 from secure_dfml.errors import TransportError
 from secure_dfml.transport._base import Message
+from secure_dfml.transport._buffer import Admit, RoundBuffer
 
 logger = logging.getLogger(__name__)
 
@@ -130,17 +131,12 @@ class ZmqEndpoint:
         self._peer_id = peer_id
         self._peers = dict(peers)
         self._max_message = max_message_bytes
-        self._max_buf_bytes = max_buffered_bytes
-        self._max_buf_msgs = max_buffered_messages
         self._hwm = hwm
         self._tap = tap
         self._send_lock = threading.RLock()
         self._recv_lock = threading.RLock()
         self._pushes: dict[int, zmq.Socket] = {}
-        self._buffer: dict[tuple[int, str], list[Message]] = {}
-        self._buf_msgs = 0
-        self._buf_bytes = 0
-        self._floor = 0
+        self._buffer = RoundBuffer(max_messages=max_buffered_messages, max_bytes=max_buffered_bytes)
         self._bytes_sent = 0
         self._rejected = 0
         self._stale = 0
@@ -269,17 +265,15 @@ class ZmqEndpoint:
             self._reject(f"unknown sender {sender}")
         elif len(data) > self._max_message:
             self._reject(f"{len(data)} data bytes over max_message_bytes")
-        elif round_index < self._floor:
-            self._stale += 1
-            logger.debug("peer %d dropped stale %s of round %d from %d", self._peer_id, kind, round_index, sender)
-        elif self._buf_msgs >= self._max_buf_msgs or self._buf_bytes + len(data) > self._max_buf_bytes:
-            self._reject("receive buffer full")
         else:
             msg = Message(sender=sender, recipient=recipient, round_index=round_index, kind=kind, data=data)
-            self._buffer.setdefault((round_index, kind), []).append(msg)
-            self._buf_msgs += 1
-            self._buf_bytes += len(data)
-            if self._tap is not None:
+            admitted = self._buffer.admit(msg)
+            if admitted is Admit.STALE:
+                self._stale += 1
+                logger.debug("peer %d dropped stale %s of round %d from %d", self._peer_id, kind, round_index, sender)
+            elif admitted is Admit.FULL:
+                self._reject("receive buffer full")
+            elif self._tap is not None:
                 self._tap("received", msg)
 
     def _drain(self) -> None:
@@ -290,41 +284,26 @@ class ZmqEndpoint:
     def receive(self, *, round_index: int, kind: str, senders: Collection[int], timeout: float) -> list[Message]:
         _check_kind(kind)
         wanted = set(senders)
-        key = (round_index, kind)
         deadline = time.monotonic() + max(0.0, timeout)
         with self._recv_lock:
             if self._closed:
                 raise TransportError("endpoint is closed")
-            if round_index < self._floor:
-                logger.debug("peer %d: round %d is below the floor %d", self._peer_id, round_index, self._floor)
+            if round_index < self._buffer.floor:
+                logger.debug("peer %d: round %d is below the floor %d", self._peer_id, round_index, self._buffer.floor)
                 return []
             while True:
                 self._drain()
-                held = {m.sender for m in self._buffer.get(key, ())}
-                if wanted <= held:
+                if wanted <= self._buffer.senders(round_index, kind):
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._pull.poll(max(1, math.ceil(left * 1000)), zmq.POLLIN)
-            bucket = self._buffer.get(key, [])
-            got = [m for m in bucket if m.sender in wanted]
-            keep = [m for m in bucket if m.sender not in wanted]
-            if keep:
-                self._buffer[key] = keep
-            else:
-                self._buffer.pop(key, None)
-            self._buf_msgs -= len(got)
-            self._buf_bytes -= sum(len(m.data) for m in got)
-            return got
+            return self._buffer.take(round_index, kind, wanted)
 
     def drop_before(self, round_index: int) -> None:
         with self._recv_lock:
-            self._floor = max(self._floor, round_index)
-            for key in [k for k in self._buffer if k[0] < self._floor]:
-                gone = self._buffer.pop(key)
-                self._buf_msgs -= len(gone)
-                self._buf_bytes -= sum(len(m.data) for m in gone)
+            self._buffer.drop_before(round_index)
 
     # -- lifetime --------------------------------------------------------------
 
@@ -339,7 +318,6 @@ class ZmqEndpoint:
             self._pull.close(linger=0)
             self._ctx.term()  # bounded: every socket is closed with a bounded linger
             self._buffer.clear()
-            self._buf_msgs = self._buf_bytes = 0
 
     def __enter__(self) -> ZmqEndpoint:
         return self
