@@ -195,6 +195,8 @@ def main() -> None:
             s["memory_per_idle_peer_bytes"] = slope
             s["param_plus_data_bytes_per_peer"] = big["param_bytes_per_peer"] + big["data_bytes_per_peer"]
             s["idle_peer_ratio"] = slope / s["param_plus_data_bytes_per_peer"]
+        if big["peers"] > small["peers"]:  # every byte the whole process tree holds, per added peer
+            s["peak_memory_per_added_peer_bytes"] = (big["peak_rss"] - small["peak_rss"]) / (big["peers"] - small["peers"])
         summary[backend] = s
     result = {"settings": vars(args) | {"out": str(args.out)}, "rows": rows, "summary": summary}
     result["settings"].pop("one", None)
@@ -215,7 +217,8 @@ def main() -> None:
     for backend, s in sorted(summary.items()):
         lines.append(f"- {backend}: s/round at the largest vs the smallest federation "
                      f"{s['round_seconds_ratio_largest_vs_smallest']:.2f}x (target <= 1.2x); peak "
-                     f"{s['peak_rss_largest_gib']:.2f} GiB at the largest (target <= 8 GB at 1,000 peers)"
+                     f"{s['peak_rss_largest_gib']:.2f} GiB at the largest (target <= 8 GB at 1,000 peers); peak memory "
+                     f"per added peer {s.get('peak_memory_per_added_peer_bytes', float('nan')):,.0f} B"
                      + (f"; memory per idle peer {s['memory_per_idle_peer_bytes']:,.0f} B = "
                         f"{s['idle_peer_ratio']:.2f}x its parameter + data bytes (target <= 2x)"
                         if "idle_peer_ratio" in s else ""))
