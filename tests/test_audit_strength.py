@@ -207,6 +207,8 @@ def test_canary_of_another_config_fails(run: Path, key: nacl.signing.SigningKey)
     cert = certify(run, requirements_from_dict({}), key, write=False)
     (row,) = _rows(cert, "canary audit")
     assert row["status"] == "FAIL" and "another configuration" in row["reason"]
+    (step,) = missing_audits(run, requirements_from_dict({"audits": {"min_strength": 2.0}}))
+    assert step.kind == "canary" and "this configuration" in step.reason  # --run-audits trains a matching one
 
 
 def test_canary_audit_of_a_run_cli(run: Path) -> None:

@@ -92,12 +92,16 @@ def canaries_for_strength(strength: float, peers: int, *, confidence: float = 0.
 
 
 def _canary_strength(run_dir: Path) -> float | None:
+    """The attainable bound of the run's canary audit; None when there is none of
+    this run's configuration (missing, unreadable, or of another configuration)."""
     path = canary_dir(run_dir) / CANARY_RESULTS
     try:
         res = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    value = res.get("attainable_epsilon") if isinstance(res, dict) else None
+    if not isinstance(res, dict) or res.get("config") != read_config(run_dir).to_dict():
+        return None
+    value = res.get("attainable_epsilon")
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -123,7 +127,7 @@ def missing_audits(run_dir: str | Path, requirements: Requirements) -> list[Audi
             cfg = read_config(run)
             delta = (cfg.privacy.delta or default_delta(1)) if cfg.privacy.enabled else 0.0  # the default's cap
             m = canaries_for_strength(need, cfg.federation.peers, delta=delta)
-            steps.append(AuditStep("canary", "canary", "no canary audit" if have is None else
+            steps.append(AuditStep("canary", "canary", "no canary audit of this configuration" if have is None else
                                    f"the canary audit can show at most eps >= {have:.3g} < min_strength {need:g}", m))
     return steps
 
