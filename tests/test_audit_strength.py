@@ -273,3 +273,15 @@ def test_canary_audit_with_state_charges_the_lifetime_ledgers(tmp_path: Path) ->
     assert any(len(PrivacyLedger.load(ledger_path(peer_state_dir(state, p), p)).entries) > len(before[p].entries)
                for p in range(4))
     assert (canary_dir(tmp_path / "run") / "ledgers" / "peer_0.json").is_file()
+
+
+def test_a_canary_audit_on_spent_lifetime_budgets_says_it_trained_on_less(tmp_path: Path) -> None:
+    """One budget per data: a canary audit after the release run has spent the lifetime budget is refused
+    phase by phase; the audit says so instead of reporting a weak lower bound as if it were the full one."""
+    cfg = config_from_dict({**TINY, "federation": {**TINY["federation"], "rounds": 1}})
+    state = tmp_path / "state"
+    run_federation(cfg, tmp_path / "run", plot=False, state_root=state)  # spends the budget it plans for
+    res = run_canary_audit(cfg, canaries_per_peer=5, rng=np.random.default_rng(0), out_dir=tmp_path / "canary",
+                           state_root=state)
+    assert res["phases_refused"] > 0
+    assert res["findings"][0]["level"] == "warning" and "refused by the privacy gate" in res["findings"][0]["text"]

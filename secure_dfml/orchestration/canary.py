@@ -39,6 +39,7 @@ from secure_dfml.audit import (
     render_canary_html,
     render_canary_markdown,
 )
+from secure_dfml.audit.report import finding
 from secure_dfml.config import RunConfig, dump_toml
 from secure_dfml.errors import AuditError
 from secure_dfml.rundir import AUDIT, CANARY, CANARY_RESULTS, CONFIG, ledgers_dir, read_summary
@@ -54,6 +55,11 @@ def run_state_root(run_dir: str | Path) -> Path | None:
     """The state root whose lifetime ledgers a finished run charged (None: research ledgers)."""
     root = (read_summary(Path(run_dir)) or {}).get("state_root")
     return Path(root) if isinstance(root, str) and root else None
+
+
+def _not_configured(phase: Mapping[str, Any]) -> bool:
+    """A phase that did not run because the configuration has none (not a refusal)."""
+    return str(phase.get("reason") or "").startswith("no ")
 
 
 def canary_dir(run_dir: str | Path) -> Path:
@@ -111,8 +117,10 @@ def run_canary_audit(
             progress(0, rounds, "training rounds (with canaries)")
         n = len(fed.peers)
         scorer = CanaryScores(draw, [p.model for p in fed.peers])
+        refused: list[dict[str, Any]] = []  # phases the privacy gate refused: no training on that data
         for t, record in enumerate(fed.rounds(), 1):
             last = record
+            refused += [ph for ph in record.get("phases", []) if not ph.get("ran") and not _not_configured(ph)]
             scorer.after_round([p.model for p in fed.peers], [  # per group: the models just trained on its data
                 (int(g["aggregator"]), [int(g["aggregator"]), *(int(j) for j in g.get("returned", []) if 0 <= int(j) < n)])
                 for g in record.get("groups", []) if 0 <= int(g["aggregator"]) < n])
@@ -156,6 +164,7 @@ def run_canary_audit(
             "pooled": pooled,
             "epsilon_lower_bound": max(pooled["epsilon_lower_bound"], *(e["epsilon_lower_bound"] for e in peers_out.values())),
             "attainable_epsilon": pooled["attainable_epsilon"],
+            "phases_refused": len(refused),
             "fail": any(c.failed for c in comparisons),
             "findings": canary_findings(peers_out, pooled, comparisons, private=private, confidence=confidence,
                                         per_peer=m),
@@ -163,6 +172,13 @@ def run_canary_audit(
         }
         if state_root is not None:
             copy_lifetime_ledgers(state_root, range(n), ledgers_dir(staging))
+        if refused:  # an audit that trained on less than the configuration says is weaker than it looks
+            results["findings"].insert(0, finding(
+                "warning",
+                f"{len(refused)} training phase(s) were refused by the privacy gate (e.g. peer {refused[0]['peer']}: "
+                f"{refused[0].get('reason')}): the canary audit trained on less than the configuration plans, so its "
+                "lower bounds are weaker than its attainable bound suggests. Audit on public or proxy data, or before "
+                "the lifetime budgets are spent."))
         files = dict(zip(CANARY_FILES, (json_text(results), render_canary_markdown(results),
                                         render_canary_html(results), dump_toml(cfg)), strict=True))
         write_output_dir(out, files, staging=staging)
