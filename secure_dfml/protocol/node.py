@@ -216,6 +216,7 @@ class PeerNode:
         self.rejected_messages = 0
         self._active = False  # whether a role program ran in this round
         self._diverged = False
+        self._status: dict[str, Any] | None = None  # the trainer's privacy status, as of the last active round
         # What this node saw as a curious peer: the latest model of each sender it
         # received as aggregator ("received", sender) and its own returned model
         # ("returned", self) -> (round, state).
@@ -489,7 +490,9 @@ class PeerNode:
                 logger.warning("round %d: peer %d's model has non-finite weights (training diverged)", t, self.peer_id)
         if self._diverged:
             entry["diverged"] = True
-        entry.update(self.trainer.peer_status(self.peer_id))
+        if self._active or self._status is None:  # an idle node's ledger did not change this round
+            self._status = dict(self.trainer.peer_status(self.peer_id))
+        entry.update(self._status)
         self.completed_rounds = t + 1
         return {
             "peer": self.peer_id,
@@ -499,7 +502,7 @@ class PeerNode:
             "phases": log.phases,
             "groups": log.groups,
             "adopted": sorted(log.adopted),
-            "bytes": self.endpoint.bytes_sent - self._bytes_before + log.extra_bytes,
+            "bytes": (self.endpoint.bytes_sent - self._bytes_before if self._active else 0) + log.extra_bytes,
             "compute_seconds": log.compute_seconds,
             "crypto_seconds": log.crypto_seconds,
             "codec_seconds": log.codec_seconds,
