@@ -11,7 +11,7 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -511,10 +511,10 @@ def peer_state_lock(state_root: str | Path, peer_id: int) -> Path:
     return peer_state_dir(state_root, peer_id) / STATE_LOCK
 
 
-def hold_lifetime_ledgers(held: contextlib.ExitStack, state_root: str | Path, peers: int) -> None:
-    """Take every peer's state-directory lock into ``held``: one writer per lifetime
+def hold_lifetime_ledgers(held: contextlib.ExitStack, state_root: str | Path, peer_ids: Iterable[int]) -> None:
+    """Take these peers' state-directory locks into ``held``: one writer per lifetime
     ledger (a second run, sweep, audit or peer process on them is refused)."""
-    for pid in range(peers):
+    for pid in peer_ids:
         held.enter_context(exclusive(peer_state_lock(state_root, pid),
                                      f"state directory {peer_state_dir(state_root, pid)} of peer {pid}"))
 
@@ -634,13 +634,13 @@ def run_federation(
     partial = partial_dir(run_dir)
     with exclusive(lock_file(run_dir), f"run directory {run_dir}"), contextlib.ExitStack() as held:
         if state_root is not None and not resume:
-            hold_lifetime_ledgers(held, state_root, cfg.federation.peers)
+            hold_lifetime_ledgers(held, state_root, range(cfg.federation.peers))
         run_meta = open_partial(run_dir, resume=resume, overwrite=overwrite, meta_name=RUN_META, what="run")
         if run_meta is not None:
             cfg = load_config(config_file(partial))
             state_root = run_meta.get("state_root")
             if state_root is not None:
-                hold_lifetime_ledgers(held, state_root, cfg.federation.peers)
+                hold_lifetime_ledgers(held, state_root, range(cfg.federation.peers))
         else:
             run_meta = {"run_id": uuid.uuid4().hex, "state_root": None if state_root is None else str(state_root)}
             write_config(partial, cfg)

@@ -104,7 +104,7 @@ def run_canary_audit(
     held = contextlib.ExitStack()
     try:
         if state_root is not None:  # charge the peers' lifetime ledgers: this run reads their records too
-            hold_lifetime_ledgers(held, state_root, cfg.federation.peers)
+            hold_lifetime_ledgers(held, state_root, range(cfg.federation.peers))
         fed = build_federation(cfg, ledger_dir=ledgers_dir(staging), peer_data_hook=draw.insert, state_root=state_root,
                                run_id=f"canary-audit-{uuid.uuid4().hex}")
         for i, p in enumerate(fed.peers):

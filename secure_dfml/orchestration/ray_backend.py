@@ -54,12 +54,12 @@ from secure_dfml._run import (
     LIFETIME_LEDGERS,
     RESEARCH_LEDGERS,
     archive_replaced_ledgers,
+    hold_lifetime_ledgers,
     build_node,
     default_run_dir,
     federation_labels_from_config,
     merge_round,
     peer_state_dir,
-    peer_state_lock,
     plan_federation,
     run_summary,
 )
@@ -176,10 +176,10 @@ class PeerHost:
         self._max_in_flight = max_in_flight
         self._work = Path(tempfile.mkdtemp(prefix="secure-dfml-ray-peers-"))
         self._ledger_dirs: dict[int, Path] = {}
+        if state_root is not None:  # the peers' lifetime state, one writer at a time
+            hold_lifetime_ledgers(self._held, state_root, self.peer_ids)
         for pid in self.peer_ids:
-            if state_root is not None:  # the peer's lifetime state, one writer at a time
-                self._held.enter_context(exclusive(peer_state_lock(state_root, pid),
-                                                   f"state directory {peer_state_dir(state_root, pid)} of peer {pid}"))
+            if state_root is not None:
                 self._ledger_dirs[pid] = peer_state_dir(state_root, pid)
             else:
                 self._ledger_dirs[pid] = self._work / f"peer_{pid:03d}" / "ledger"
