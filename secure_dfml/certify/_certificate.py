@@ -55,6 +55,7 @@ from secure_dfml.rundir import (
 __all__ = [
     "AUDITOR_KEY",
     "audit_binding_problem",
+    "canary_binding_problem",
     "AUDITOR_PUB",
     "CERTIFICATE",
     "CERTIFICATE_FORMAT",
@@ -203,6 +204,15 @@ def audit_binding_problem(run_dir: Path, results: Mapping[str, Any]) -> str | No
     return None
 
 
+def canary_binding_problem(cfg: RunConfig, results: Any) -> str | None:
+    """Why a canary audit's results are not evidence for a run of ``cfg`` (None: they are)."""
+    if not isinstance(results, dict) or not isinstance(results.get("pooled"), dict):
+        return "is from an older version without a pooled test and its strength"
+    if results.get("config") != cfg.to_dict():
+        return "audited another configuration than this run's config.toml"
+    return None
+
+
 def _read_results(run_dir: Path, tm: str) -> dict[str, Any] | None:
     path = run_dir / AUDIT / tm / "results.json"
     if not path.is_file():
@@ -326,13 +336,11 @@ def _canary_requirements(
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunDirectoryError(f"{path} is unreadable: {exc}") from exc
     where = f"audit/{CANARY}/{CANARY_RESULTS}"
-    if not isinstance(res, dict) or not isinstance(res.get("pooled"), dict):
-        rows.append(_req("canary audit", FAIL, f"{where} is from an older version without a pooled test and its "
-                                               "strength; run the canary audit again"))
-        return rows, None
-    if res.get("config") != cfg.to_dict():
-        rows.append(_req("canary audit", FAIL, f"{where} audited another configuration than this run's config.toml; "
-                                               "run the canary audit of this run again"))
+    problem = canary_binding_problem(cfg, res)
+    if problem is not None:
+        rows.append(_req("canary audit", FAIL, f"{where} {problem}; run the canary audit of this run again"))
+        if not isinstance(res, dict) or not isinstance(res.get("pooled"), dict):
+            return rows, None
     lb = float(res.get("epsilon_lower_bound") or 0.0)
     attainable = float(res.get("attainable_epsilon") or 0.0)
     ev = {"threat_model": CANARY, "status": "audited", "canaries": res["pooled"].get("canaries"),

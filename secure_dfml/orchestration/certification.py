@@ -33,6 +33,7 @@ from secure_dfml.certify import (
     Requirements,
     VerifyResult,
     audit_binding_problem,
+    canary_binding_problem,
     certify,
     load_signing_key,
     verify,
@@ -99,7 +100,7 @@ def _canary_strength(run_dir: Path) -> float | None:
         res = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not isinstance(res, dict) or res.get("config") != read_config(run_dir).to_dict():
+    if canary_binding_problem(read_config(run_dir), res) is not None:
         return None
     value = res.get("attainable_epsilon")
     return float(value) if isinstance(value, (int, float)) else None
