@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,3 +32,20 @@ def strip_seconds(record: Any) -> Any:
 def timeless_metrics(run_dir: Path) -> list[Any]:
     """A run directory's metrics.jsonl without timings: what must be equal between equal runs."""
     return [strip_seconds(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+#: The smallest private federation the certification tests certify (digits, 4 peers, DP at epsilon 8).
+TINY_PRIVATE: dict[str, Any] = {
+    "data": {"name": "digits", "auditor_pool": 200},
+    "federation": {"peers": 4, "participants": 3, "rounds": 2},
+    "models": {"mix": ["mlp"]},
+    "dfml": {"local_epochs": 1},
+    "privacy": {"enabled": True, "epsilon": 8.0},
+}
+
+
+def copy_run(base_run: Path, tmp_path: Path) -> Path:
+    """A private copy of a module-scoped run directory, for a test that edits it."""
+    dst = tmp_path / "run"
+    shutil.copytree(base_run, dst)
+    return dst

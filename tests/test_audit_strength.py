@@ -4,7 +4,6 @@ test, and how certification requires, reads and runs canary audits."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from _runs import TINY_PRIVATE, copy_run
 from secure_dfml import config_from_dict, run_federation
 from secure_dfml.audit import (
     CanaryDraw,
@@ -44,13 +44,7 @@ from secure_dfml.orchestration.certification import (
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 runner = CliRunner()
 
-TINY: dict[str, Any] = {
-    "data": {"name": "digits", "auditor_pool": 200},
-    "federation": {"peers": 4, "participants": 3, "rounds": 2},
-    "models": {"mix": ["mlp"]},
-    "dfml": {"local_epochs": 1},
-    "privacy": {"enabled": True, "epsilon": 8.0},
-}
+TINY = TINY_PRIVATE
 
 
 # ----------------------------------------------------------------------------- the math
@@ -133,9 +127,7 @@ def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def run(base_run: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(base_run, dst)
-    return dst
+    return copy_run(base_run, tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import nacl.signing
 import numpy as np
 import pytest
 
+from _runs import TINY_PRIVATE, copy_run
 from secure_dfml import config_from_dict, run_federation
 from secure_dfml.audit import audit_run_dir
 from secure_dfml.audit._federation import RESULTS_VERSION
@@ -23,13 +23,7 @@ from secure_dfml.certify._html import ROC_NOT_RECORDED, epsilon_figure, roc_figu
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-TINY: dict[str, Any] = {
-    "data": {"name": "digits", "auditor_pool": 200},
-    "federation": {"peers": 4, "participants": 3, "rounds": 2},
-    "models": {"mix": ["mlp"]},
-    "dfml": {"local_epochs": 1},
-    "privacy": {"enabled": True, "epsilon": 8.0},
-}
+TINY = TINY_PRIVATE
 HOSTILE = "<script>alert('x')</script> & co"
 URI = re.compile(r'src="data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)"')
 
@@ -55,9 +49,7 @@ def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def run(base_run: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(base_run, dst)
-    return dst
+    return copy_run(base_run, tmp_path)
 
 
 @pytest.fixture(scope="module")

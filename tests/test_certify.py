@@ -14,6 +14,7 @@ import nacl.signing
 import pytest
 from typer.testing import CliRunner
 
+from _runs import TINY_PRIVATE, copy_run
 from secure_dfml import config_from_dict, run_federation
 from secure_dfml.certify import (
     CHECKS,
@@ -34,13 +35,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY: dict[str, Any] = {
-    "data": {"name": "digits", "auditor_pool": 200},
-    "federation": {"peers": 4, "participants": 3, "rounds": 2},
-    "models": {"mix": ["mlp"]},
-    "dfml": {"local_epochs": 1},
-    "privacy": {"enabled": True, "epsilon": 8.0},
-}
+TINY = TINY_PRIVATE
 
 PERMISSIVE = {
     "name": "permissive",
@@ -79,9 +74,7 @@ def base_ckks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def run(base_run: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(base_run, dst)
-    return dst
+    return copy_run(base_run, tmp_path)
 
 
 @pytest.fixture(scope="module")
