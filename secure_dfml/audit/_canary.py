@@ -257,7 +257,8 @@ class CanaryScores:
     def after_round(self, models: Sequence[torch.nn.Module], groups: Sequence[tuple[int, Sequence[int]]]) -> None:
         """Record a round: ``models`` as they are now, and per group (aggregator, the
         models trained on its data) -- one snapshot for each aggregator's canaries."""
-        after = [self._log_prob(model) for model in models]
+        changed = {j for _, trained in groups for j in trained}  # only a group's models were trained this round
+        after = [self._log_prob(model) if j in changed else self._before[j] for j, model in enumerate(models)]
         for owner, trained in groups:
             if not trained:
                 continue
