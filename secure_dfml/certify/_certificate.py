@@ -54,7 +54,9 @@ from secure_dfml.rundir import (
 
 __all__ = [
     "AUDITOR_KEY",
+    "UpperBounds",
     "audit_binding_problem",
+    "audit_upper_bounds",
     "canary_binding_problem",
     "AUDITOR_PUB",
     "CERTIFICATE",
@@ -191,6 +193,40 @@ def _walk(obj: Any, owner: Any = None) -> Iterator[tuple[Any, float]]:
             yield from _walk(v, owner)
 
 
+@dataclass(frozen=True)
+class UpperBounds:
+    """The largest upper confidence bounds over every (target, attack) of an audit:
+    the AUC's, and the TPR's at one FPR level -- each (value, "target T / attack")
+    -- and, for that level, every (target, attack) that could not measure it."""
+
+    auc: tuple[float, str] | None
+    tpr: tuple[float, str] | None
+    unmeasured: tuple[str, ...]
+
+
+def audit_upper_bounds(results: Mapping[str, Any], *, at_fpr: float | None = None) -> UpperBounds:
+    """What requirements limit in an audit's results (``at_fpr``: the TPR level, if any)."""
+    auc: tuple[float, str] | None = None
+    tpr: tuple[float, str] | None = None
+    unmeasured: list[str] = []
+    for t in results.get("targets", []) or []:
+        for attack, res in (t.get("attacks") or {}).items():
+            where = f"target {t.get('target')} / {attack}"
+            metrics = res.get("metrics") or {}
+            hi = (metrics.get("auc") or {}).get("ci_high")
+            if isinstance(hi, (int, float)) and (auc is None or hi > auc[0]):
+                auc = (float(hi), where)
+            if at_fpr is not None:
+                est = (metrics.get("tpr_at_fpr") or {}).get(str(at_fpr)) or {}
+                hi = est.get("ci_high")
+                if isinstance(hi, (int, float)):
+                    if tpr is None or hi > tpr[0]:
+                        tpr = (float(hi), where)
+                else:
+                    unmeasured.append(f"{where}: {est.get('reason') or 'not reported'}")
+    return UpperBounds(auc, tpr, tuple(unmeasured))
+
+
 def audit_binding_problem(run_dir: Path, results: Mapping[str, Any]) -> str | None:
     """Why an audit's results do not belong to this run as it is now (None: they do).
     An audit names the run's id and the sha256 of its manifest when it ran."""
@@ -244,24 +280,8 @@ def _audit_requirements(
             rows.append(_req(f"audit {tm} matches run", FAIL, f"audit/{tm}/results.json {bound}; run `secure-dfml "
                                                               f"audit RUN --threat-model {tm}` again"))
         limit = req.audits.limits.get(tm)
-        worst_auc: tuple[float, str] | None = None
-        worst_tpr: tuple[float, str] | None = None
-        unmeasured: list[str] = []
-        for t in results.get("targets", []) or []:
-            for attack, res in (t.get("attacks") or {}).items():
-                where = f"target {t.get('target')} / {attack}"
-                metrics = res.get("metrics") or {}
-                auc = (metrics.get("auc") or {}).get("ci_high")
-                if isinstance(auc, (int, float)) and (worst_auc is None or auc > worst_auc[0]):
-                    worst_auc = (float(auc), where)
-                if limit is not None and limit.at_fpr is not None:
-                    tpr = ((metrics.get("tpr_at_fpr") or {}).get(str(limit.at_fpr)) or {})
-                    hi = tpr.get("ci_high")
-                    if isinstance(hi, (int, float)):
-                        if worst_tpr is None or hi > worst_tpr[0]:
-                            worst_tpr = (float(hi), where)
-                    else:
-                        unmeasured.append(f"{where}: {tpr.get('reason') or 'not reported'}")
+        bounds_ = audit_upper_bounds(results, at_fpr=None if limit is None else limit.at_fpr)
+        worst_auc, worst_tpr, unmeasured = bounds_.auc, bounds_.tpr, list(bounds_.unmeasured)
         ev = {"threat_model": tm, "status": results.get("status"), "max_auc_upper_bound": None if worst_auc is None else worst_auc[0]}
         if results.get("status") == "view_absent":
             ev["max_epsilon_lower_bound"] = None

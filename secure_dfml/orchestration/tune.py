@@ -130,7 +130,7 @@ import numpy as np
 from secure_dfml._jsonutil import json_text, pct, utc_now
 from secure_dfml._run import load_federation_data, peer_state_dir, run_federation
 from secure_dfml.audit import DEFAULT_FPR_LEVELS, audit_run_dir, resolve_attacks
-from secure_dfml.certify import AuditLimit, Requirements, load_requirements
+from secure_dfml.certify import AuditLimit, Requirements, audit_upper_bounds, load_requirements
 from secure_dfml.config import PeerPrivacyConfig, RunConfig, dump_toml
 from secure_dfml.errors import ConfigError, RunDirectoryError, SecureDFMLError
 from secure_dfml.models import resolve_architectures
@@ -1151,26 +1151,18 @@ def summarize_leakage(results: Mapping[str, Any], *, fpr: float = LEAKAGE_FPR) -
 
 def _upper_bounds(results: Mapping[str, Any]) -> dict[str, Any]:
     """The largest upper confidence bound of the AUC, and of the TPR at each FPR
-    level, over every (target, attack) of an audit -- what requirements limit
-    (as certification compares them: targets that cannot measure a level are
-    left out of it, ``reason`` names the first); ``where`` names the (target, attack)."""
-    auc: dict[str, Any] = {"value": None, "where": None}
+    level, over every (target, attack) of an audit -- what requirements limit,
+    as certification computes them (:func:`secure_dfml.certify.audit_upper_bounds`;
+    ``reason`` names the first (target, attack) that cannot measure a level)."""
+    levels = dict.fromkeys(str(level) for t in results.get("targets", []) or [] for a in (t.get("attacks") or {}).values()
+                           for level in ((a.get("metrics") or {}).get("tpr_at_fpr") or {}))  # in the audit's order
+    first = audit_upper_bounds(results)
     tpr: dict[str, dict[str, Any]] = {}
-    for t in results.get("targets", []) or []:
-        for name, a in (t.get("attacks") or {}).items():
-            where = f"target {t.get('target')} / {name}"
-            m = a.get("metrics") or {}
-            hi = (m.get("auc") or {}).get("ci_high")
-            if isinstance(hi, (int, float)) and (auc["value"] is None or hi > auc["value"]):
-                auc = {"value": float(hi), "where": where}
-            for level, est in (m.get("tpr_at_fpr") or {}).items():
-                slot = tpr.setdefault(str(level), {"value": None, "where": None, "reason": None})
-                hi = (est or {}).get("ci_high")
-                if isinstance(hi, (int, float)):
-                    if slot["value"] is None or hi > slot["value"]:
-                        slot.update(value=float(hi), where=where)
-                elif slot["reason"] is None:
-                    slot["reason"] = f"{where}: {(est or {}).get('reason') or 'not reported'}"
+    for level in levels:
+        b = audit_upper_bounds(results, at_fpr=float(level))
+        tpr[level] = {"value": None if b.tpr is None else b.tpr[0], "where": None if b.tpr is None else b.tpr[1],
+                      "reason": b.unmeasured[0] if b.unmeasured else None}
+    auc = {"value": None, "where": None} if first.auc is None else {"value": first.auc[0], "where": first.auc[1]}
     return {"auc": auc, "tpr_at_fpr": tpr}
 
 
